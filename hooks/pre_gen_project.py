@@ -1,0 +1,86 @@
+"""Validate every answer before anything is rendered; stop with one clear line on the first bad one."""
+
+import json
+import keyword
+import re
+import sys
+
+# Answers arrive as JSON in a raw string: Jinja's tojson escapes every ' as \u0027, so no answer
+# can close the string and inject code.
+ANSWERS = json.loads(r'''{{ cookiecutter | tojson }}''')
+
+SLUG = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+PACKAGE = re.compile(r"^[a-z_][a-z0-9_]*$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,100})?$")
+BUNDLED_MODELS = {"SmolLM2-135M-Instruct"}
+PYTHON_VERSIONS = {"3.11", "3.12", "3.13"}
+# Import names the rendered project depends on (now or behind later options) or uses itself.
+DEPENDENCY_NAMES = {
+    "accelerate", "boto3", "botocore", "click", "cookiecutter", "ctranslate2", "gguf",
+    "huggingface_hub", "mlflow", "moto", "numpy", "peft", "pika", "pydantic",
+    "pydantic_settings", "pymysql", "pytest", "ray", "rich", "ruff", "safetensors", "tokenizers",
+    "torch", "transformers", "typer", "src", "tests", "test",
+}  # fmt: skip
+MAX_MODEL_ID = 80  # it is rendered into source lines of at most 100 characters
+CHOICES = {"python_version": PYTHON_VERSIONS}
+
+
+def check_names(answers: dict) -> None:
+    name = answers["project_name"]
+    if not name.strip() or any(not ch.isprintable() for ch in name):
+        fail("project_name must be a non-empty line of printable characters")
+    slug = answers["project_slug"]
+    if not SLUG.match(slug):
+        fail(
+            f"project_slug {slug!r} is not valid: use lowercase letters, digits and single "
+            "hyphens, starting with a letter (e.g. 'my-llm-service')"
+        )
+    package = answers["package_name"]
+    if not PACKAGE.match(package) or not package.isidentifier():
+        fail(f"package_name {package!r} is not a valid Python package name (e.g. 'my_llm_service')")
+    if keyword.iskeyword(package) or keyword.issoftkeyword(package):
+        fail(f"package_name {package!r} is a Python keyword; choose another project_slug")
+    if package in sys.stdlib_module_names:
+        fail(f"package_name {package!r} shadows the standard library module of that name")
+    if package in DEPENDENCY_NAMES:
+        fail(f"package_name {package!r} clashes with a package the project imports")
+    if not EMAIL.match(answers["email"]):
+        fail(f"email {answers['email']!r} is not an email address")
+
+
+def check_choices(answers: dict) -> None:
+    for key, allowed in CHOICES.items():
+        if answers[key] not in allowed:
+            fail(f"{key} {answers[key]!r} is not one of {', '.join(sorted(allowed))}")
+
+
+def check_model(model_id: str) -> None:
+    if len(model_id) > MAX_MODEL_ID:
+        fail(
+            f"model_id is {len(model_id)} characters long, over {MAX_MODEL_ID}; "
+            "render with a shorter one and set the long one in .env"
+        )
+    if model_id.startswith("bundled:"):
+        if model_id.removeprefix("bundled:") not in BUNDLED_MODELS:
+            known = ", ".join(f"bundled:{m}" for m in sorted(BUNDLED_MODELS))
+            fail(f"model_id {model_id!r} is not a bundled model; bundled: {known}")
+        return
+    if model_id.startswith(("/", "./", "../", "~")):
+        return  # a local directory: it may exist only where the project is deployed
+    if not HUB_ID.match(model_id) or ".." in model_id or "--" in model_id:
+        fail(
+            f"model_id {model_id!r} is neither bundled:<name>, a Hub id like "
+            "'TinyLlama/TinyLlama-1.1B-Chat-v1.0' nor a local path starting with / ./ ../ or ~"
+        )
+
+
+def fail(message: str) -> None:
+    print(f"ERROR: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    check_names(ANSWERS)
+    check_choices(ANSWERS)
+    check_model(ANSWERS["model_id"])

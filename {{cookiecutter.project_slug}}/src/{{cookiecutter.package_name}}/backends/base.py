@@ -1,0 +1,31 @@
+"""The contract every inference engine keeps; the rest of the service sees only this."""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from {{ cookiecutter.package_name }}.messages import FinishReason
+from {{ cookiecutter.package_name }}.prompts import PreparedRequest
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # renders chat templates and counts tokens for PromptBuilder
+    context_window: int
+
+    def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
+        """Return one completion per request, in order. Raises only when the whole batch fails."""
+        ...
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Return `text` up to the earliest stop string and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

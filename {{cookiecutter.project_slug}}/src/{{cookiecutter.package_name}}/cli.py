@@ -1,0 +1,133 @@
+"""Batched LLM inference on the command line: model pull, generate, batch."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from {{ cookiecutter.package_name }}.messages import Reply, RequestError, parse_request
+from {{ cookiecutter.package_name }}.model_source import ModelSourceError, resolve_model
+from {{ cookiecutter.package_name }}.prompts import resolve_params, with_system_prompt
+from {{ cookiecutter.package_name }}.service import InferenceService, generation_defaults
+from {{ cookiecutter.package_name }}.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+model_app = typer.Typer(help="Fetch and prepare the model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+# Errors a user can fix: printed as one line, never as a traceback.
+USER_ERRORS = (ModelSourceError, SettingsError, RequestError, FileNotFoundError, IsADirectoryError)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@model_app.command("pull")
+def model_pull(
+    model: Annotated[str | None, typer.Option(help="Model spec; default from settings")] = None,
+) -> None:
+    """Fetch (and for the bundled model, convert) the model into the cache; print its directory."""
+    settings = load_settings(model=model)
+    typer.echo(resolve_model(settings.model, settings.models_dir))
+
+
+@app.command()
+def generate(
+    prompt: str,
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0)] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    seed: Annotated[int | None, typer.Option(min=0)] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
+    pipeline: Annotated[
+        bool, typer.Option(help="Use transformers.pipeline('text-generation') (quick path)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole reply as JSON")] = False,
+) -> None:
+    """Answer one prompt."""
+    settings = load_settings(system_prompt=system)
+    raw = {"id": "cli", "prompt": prompt, "max_new_tokens": max_new_tokens, "stop": stop or []}
+    raw |= {"temperature": temperature, "top_p": top_p, "seed": seed}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    if pipeline:
+        from {{ cookiecutter.package_name }}.backends.hf import generate_with_pipeline
+
+        request = parse_request(raw)
+        chat = with_system_prompt(request.chat(), settings.system_prompt)
+        params = resolve_params(request, generation_defaults(settings))
+        model_dir = resolve_model(settings.model, settings.models_dir)
+        typer.echo(generate_with_pipeline(model_dir, chat, params))
+        return
+    service = _service(settings)
+    admitted = service.admit(raw, "cli")
+    reply = admitted if isinstance(admitted, Reply) else service.run([admitted])[0]
+    if as_json:
+        typer.echo(reply.model_dump_json())
+    elif reply.error is not None:
+        _fail(f"{reply.error.type}: {reply.error.message}")
+    else:
+        typer.echo(reply.text)
+
+
+@app.command()
+def batch(
+    source: Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")],
+    target: Annotated[Path, typer.Argument(help="JSONL of replies, written in input order")],
+    show: Annotated[bool, typer.Option(help="Print each prompt's answer")] = False,
+) -> None:
+    """Run a file of requests through the dynamic batcher; print a throughput summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from {{ cookiecutter.package_name }}.batch_job import read_requests, run_batch_file
+
+    settings = load_settings()
+    read_requests(source)  # fail on a missing file before loading the model
+    service = _service(settings)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("generating", total=None)
+        replies, summary = run_batch_file(
+            service,
+            settings,
+            source,
+            target,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if show:
+        for reply in replies:
+            answer = reply.text if reply.error is None else f"[error] {reply.error.message}"
+            typer.echo(f"{reply.id}: {' '.join(answer.split())}")
+    typer.echo(summary.line())
+    typer.echo(f"replies written to {target}")
+
+
+def _service(settings: Settings) -> InferenceService:
+    from {{ cookiecutter.package_name }}.backends import load_backend
+
+    backend = load_backend(settings, resolve_model(settings.model, settings.models_dir))
+    return InferenceService.from_settings(settings, backend)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,68 @@
+"""Every setting in one place: defaults that work offline, overridable by environment or `.env`."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
+DEFAULT_MODEL = "{{ cookiecutter.model_id }}"
+
+
+def default_cache_dir() -> Path:
+    return Path("~/.cache/{{ cookiecutter.project_slug }}").expanduser()
+
+
+class Settings(BaseSettings):
+    """Read once at the edge (the CLI) and passed down; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Model: bundled:<name>, a Hugging Face Hub id (org/name[@revision]) or a local directory.
+    model: str = DEFAULT_MODEL
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # float32 on CPU; on CUDA "auto" picks bfloat16 where supported, else float16.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    num_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = all cores")
+
+    # Prompts
+    system_prompt: str | None = None
+    context_window: int | None = Field(default=None, ge=16, description="None = the model's own")
+
+    # Generation defaults for requests that do not say
+    max_new_tokens: int = Field(default=64, ge=1)
+    max_new_tokens_limit: int = Field(default=4096, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    # Dynamic batching
+    max_batch_size: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=20.0, ge=0.0)
+    max_batch_tokens: int = Field(default=16384, ge=1, description="padded prompt+new tokens")
+    sort_by_length: bool = True
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names it in one line."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Return the settings from defaults, `.env`, the environment and `overrides`.
+
+    Raises SettingsError with one line per bad field instead of pydantic's long report.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

@@ -1,0 +1,53 @@
+"""Throughput and latency summaries, printed by jobs and (later) logged to tracking."""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Summary:
+    inputs: int
+    errors: int
+    seconds: float
+    completion_tokens: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+
+    @property
+    def inputs_per_s(self) -> float:
+        return self.inputs / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def line(self) -> str:
+        return (
+            f"{self.inputs} inputs ({self.errors} errors) in {self.seconds:.1f} s: "
+            f"{self.inputs_per_s:.2f} inputs/s, {self.tokens_per_s:.1f} tokens/s, "
+            f"latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms"
+        )
+
+
+def summarize(
+    seconds: float, latencies_ms: Sequence[float], completion_tokens: int, errors: int
+) -> Summary:
+    return Summary(
+        inputs=len(latencies_ms) + errors,
+        errors=errors,
+        seconds=seconds,
+        completion_tokens=completion_tokens,
+        latency_p50_ms=percentile(latencies_ms, 50),
+        latency_p95_ms=percentile(latencies_ms, 95),
+    )

@@ -1,0 +1,36 @@
+"""Shared fixtures: one real model for the whole session, loaded only by integration tests."""
+
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.settings import Settings, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    # Generation tests compare outputs: the defaults must not sample.
+    return load_settings(temperature=0.0, system_prompt=None)
+
+
+@pytest.fixture(scope="session")
+def model_dir(settings: Settings) -> Path:
+    from {{ cookiecutter.package_name }}.model_source import resolve_model
+
+    return resolve_model(settings.model, settings.models_dir)
+
+
+@pytest.fixture(scope="session")
+def backend(settings: Settings, model_dir: Path):
+    from {{ cookiecutter.package_name }}.backends import load_backend
+
+    return load_backend(settings, model_dir)
+
+
+@pytest.fixture(scope="session")
+def service(settings: Settings, backend):
+    from {{ cookiecutter.package_name }}.service import InferenceService
+
+    return InferenceService.from_settings(settings, backend)
