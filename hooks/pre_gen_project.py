@@ -1,4 +1,4 @@
-"""Validate every answer before anything is rendered; stop with one clear line on the first bad one."""
+"""Validate every answer before rendering; stop with one clear line at the first bad one."""
 
 import json
 import keyword
@@ -7,7 +7,7 @@ import sys
 
 # Answers arrive as JSON in a raw string: Jinja's tojson escapes every ' as \u0027, so no answer
 # can close the string and inject code.
-ANSWERS = json.loads(r'''{{ cookiecutter | tojson }}''')
+ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 
 SLUG = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 PACKAGE = re.compile(r"^[a-z_][a-z0-9_]*$")

@@ -1,0 +1,39 @@
+# The template's own commands. Both work on a fresh machine with Python 3.11 and network access
+# to PyPI; the test environment is shared by every bake and cached under ~/.cache.
+PYTHON ?= python3.11
+CACHE ?= $(HOME)/.cache/llm-service-template
+ENV ?= $(CACHE)/venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+DEMO ?= build/demo
+
+.PHONY: env test demo lint clean
+
+env: $(ENV)/.stamp
+
+# Rebuilt when the test tools or the rendered project's dependencies change.
+$(ENV)/.stamp: tests/requirements.txt {{cookiecutter.project_slug}}/pyproject.toml
+	$(PYTHON) -m venv $(ENV)
+	$(ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(ENV)/bin/python -m pip install --quiet -r tests/requirements.txt
+	$(ENV)/bin/python tests/project_requirements.py > $(ENV)/project-requirements.txt
+	$(ENV)/bin/python -m pip install --quiet -r $(ENV)/project-requirements.txt
+	touch $@
+
+test: env ## lint the template's code, then bake every combination of options and test each bake
+	$(ENV)/bin/ruff check hooks tests
+	$(ENV)/bin/ruff format --check hooks tests
+	$(ENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: env ## render the default project into $(DEMO) and run its main job
+	rm -rf $(DEMO)
+	$(ENV)/bin/cookiecutter . --no-input --output-dir $(DEMO)
+	$(MAKE) -C $(DEMO)/llm-service install run
+
+lint: env
+	$(ENV)/bin/ruff check hooks tests
+	$(ENV)/bin/ruff format --check hooks tests
+
+clean:
+	rm -rf build $(ENV)

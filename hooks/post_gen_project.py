@@ -1,0 +1,40 @@
+"""Finish the rendered project: record the answers, prune what the options do not need."""
+
+import json
+import shutil
+from pathlib import Path
+
+ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
+PROJECT = Path.cwd()
+
+# Option -> files and folders that only that option's other values need. Each later option adds
+# one small remove_* function here, so that what a choice prunes is obvious at a glance.
+
+
+def remove(*relative: str) -> None:
+    for name in relative:
+        path = PROJECT / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def record_answers() -> None:
+    """Write the answers (not the machine-specific `_` keys) so the project can be re-rendered."""
+    answers = {k: v for k, v in ANSWERS.items() if not k.startswith("_")}
+    answers["_template"] = ANSWERS.get("_template", "")
+    (PROJECT / ".cookiecutter.json").write_text(json.dumps(answers, indent=2) + "\n")
+
+
+def main() -> None:
+    record_answers()
+    print(
+        f"\nRendered {ANSWERS['project_slug']}. Next:\n"
+        f"  cd {ANSWERS['project_slug']}\n  make install run   # the main job, offline\n"
+        "  make test          # unit and integration tests\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

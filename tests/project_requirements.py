@@ -1,0 +1,32 @@
+"""Print the requirements of the fullest bake, read from its own pyproject.toml.
+
+The shared test environment installs these once, so every bake's tests run without
+installing anything, and the dependencies are declared in one place: the template.
+"""
+
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from cookiecutter.main import cookiecutter
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TEMPLATE / "tests"))
+from combinations import FULLEST  # noqa: E402
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(
+            cookiecutter(str(TEMPLATE), no_input=True, output_dir=tmp, extra_context=FULLEST)
+        )
+        meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    requirements = list(meta["dependencies"])
+    for extra in meta.get("optional-dependencies", {}).values():
+        requirements += extra
+    print("\n".join(sorted(set(requirements))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Every combination of options bakes into a clean, linted project whose unit tests pass."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from combinations import AWKWARD_NAMES, REPRESENTATIVE, all_combinations, combo_id
+from conftest import package_of, project_env
+
+COMBINATIONS = all_combinations()
+UNRENDERED = re.compile(r"\{\{|\{%|cookiecutter\.")
+RUFF = [sys.executable, "-m", "ruff"]
+
+BASE_FILES = {
+    ".cookiecutter.json",
+    ".env.example",
+    ".github/workflows/ci.yml",
+    ".gitignore",
+    "Makefile",
+    "README.md",
+    "data/sample_prompts.jsonl",
+    "pyproject.toml",
+    "src/{pkg}/__init__.py",
+    "src/{pkg}/__main__.py",
+    "src/{pkg}/backends/__init__.py",
+    "src/{pkg}/backends/base.py",
+    "src/{pkg}/backends/hf.py",
+    "src/{pkg}/batch_job.py",
+    "src/{pkg}/batching.py",
+    "src/{pkg}/cli.py",
+    "src/{pkg}/messages.py",
+    "src/{pkg}/model_source.py",
+    "src/{pkg}/prompts.py",
+    "src/{pkg}/service.py",
+    "src/{pkg}/settings.py",
+    "src/{pkg}/stats.py",
+    "tests/__init__.py",
+    "tests/conftest.py",
+    "tests/integration/__init__.py",
+    "tests/integration/test_generation.py",
+    "tests/integration/test_jobs.py",
+    "tests/unit/__init__.py",
+    "tests/unit/test_batching.py",
+    "tests/unit/test_messages.py",
+    "tests/unit/test_prompts.py",
+    "tests/unit/test_settings.py",
+}
+
+
+def expected_files(combo: dict[str, str], package: str) -> set[str]:
+    return {path.format(pkg=package) for path in BASE_FILES}
+
+
+def files_of(project: Path) -> set[str]:
+    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
+
+
+def run(command: list[str], project: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=project, env=project_env(project), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+@pytest.fixture(params=COMBINATIONS, ids=combo_id)
+def project(request, bake) -> Path:
+    return bake(request.param)
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_the_bake_has_exactly_the_expected_files(combo, bake):
+    project = bake(combo)
+    assert files_of(project) == expected_files(combo, package_of(project))
+
+
+def test_no_template_syntax_is_left_in_any_file(project):
+    leftovers = []
+    for path in project.rglob("*"):
+        if path.is_file():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if UNRENDERED.search(line):
+                    leftovers.append(f"{path.relative_to(project)}:{number}: {line.strip()}")
+    assert not leftovers, "\n".join(leftovers)
+
+
+def test_ruff_check_and_format_pass(project):
+    run([*RUFF, "check", "--no-cache", "."], project)
+    run([*RUFF, "format", "--check", "--no-cache", "."], project)
+
+
+def test_the_package_imports_and_its_cli_answers_help(project):
+    package = package_of(project)
+    run([sys.executable, "-c", f"import {package}.cli, {package}.backends.hf"], project)
+    result = run([sys.executable, "-m", package, "--help"], project)
+    for command in ("model", "generate", "batch"):
+        assert command in result.stdout
+
+
+def test_the_rendered_unit_tests_pass(project):
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "not integration", "-p", "no:cacheprovider"],
+        project,
+    )
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@pytest.mark.parametrize("combo", REPRESENTATIVE, ids=lambda c: combo_id(c)[:60])
+def test_representative_bakes_pass_their_integration_tests(combo, bake):
+    project = bake(combo)
+    result = run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "integration", "-p", "no:cacheprovider"],
+        project,
+    )
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_awkward_names_are_rendered_safely(bake, default_answers):
+    project = bake(default_answers | AWKWARD_NAMES)
+    assert project.name == "unicode-llm-bot-2"
+    assert package_of(project) == "unicode_llm_bot_2"
+    import tomllib
+
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    assert meta["authors"][0]["name"] == AWKWARD_NAMES["author_name"]
+    assert meta["description"] == AWKWARD_NAMES["description"]
+    assert meta["scripts"] == {"unicode-llm-bot-2": "unicode_llm_bot_2.cli:main"}
+
+
+def test_the_answers_are_recorded_for_re_rendering(bake, default_answers):
+    import json
+
+    project = bake(default_answers)
+    recorded = json.loads((project / ".cookiecutter.json").read_text())
+    assert recorded["project_slug"] == "llm-service"
+    assert recorded["model_id"] == "bundled:SmolLM2-135M-Instruct"
+    assert "_output_dir" not in recorded
+
+
+def test_the_model_answer_becomes_the_default_setting(bake, default_answers):
+    project = bake(default_answers | {"model_id": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"})
+    settings = (project / "src" / package_of(project) / "settings.py").read_text()
+    assert 'DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"' in settings

@@ -1,0 +1,38 @@
+"""The default bake, installed as a user installs it: its declared dependencies are complete."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import MODEL_CACHE, package_of
+
+
+def make(target: str, project, env: dict, timeout: float) -> str:
+    result = subprocess.run(
+        ["make", target, f"PYTHON={sys._base_executable}"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"make {target}\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pass(
+    bake, default_answers, tmp_path
+):
+    project = tmp_path / "project"
+    shutil.copytree(bake(default_answers), project)  # the shared bake stays pristine
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    env[f"{package_of(project).upper()}_CACHE_DIR"] = str(MODEL_CACHE)
+
+    make("install", project, env, timeout=1800)
+    venv_python = project / ".venv" / "bin" / "python"
+    assert venv_python.is_file() and (project / ".venv" / "bin" / "llm-service").is_file()
+
+    make("lint", project, env, timeout=300)
+    tests = make("test", project, env, timeout=1800)
+    assert " passed" in tests and " failed" not in tests and "skipped" not in tests
+
+    run = make("run", project, env, timeout=900)
+    assert "capital-france:" in run and "Paris" in run
+    assert "inputs/s" in run and "tokens/s" in run
