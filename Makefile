@@ -17,7 +17,7 @@ $(ENV)/.stamp: tests/requirements.txt {{cookiecutter.project_slug}}/pyproject.to
 	$(ENV)/bin/python -m pip install --quiet --upgrade pip
 	$(ENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(ENV)/bin/python -m pip install --quiet -r tests/requirements.txt
-	$(ENV)/bin/python tests/project_requirements.py > $(ENV)/project-requirements.txt
+	$(ENV)/bin/python tests/project_requirements.py $(ENV)/project-requirements.txt
 	$(ENV)/bin/python -m pip install --quiet -r $(ENV)/project-requirements.txt
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Print the requirements of the fullest bake, read from its own pyproject.toml.
+"""Write the requirements of the fullest bake, read from its own pyproject.toml, to argv[1].
 
 The shared test environment installs these once, so every bake's tests run without
 installing anything, and the dependencies are declared in one place: the template.
@@ -25,7 +25,7 @@ def main() -> None:
     requirements = list(meta["dependencies"])
     for extra in meta.get("optional-dependencies", {}).values():
         requirements += extra
-    print("\n".join(sorted(set(requirements))))
+    Path(sys.argv[1]).write_text("\n".join(sorted(set(requirements))) + "\n")
 
 
 if __name__ == "__main__":
