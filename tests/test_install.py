@@ -13,7 +13,8 @@ def make(target: str, project, env: dict, timeout: float) -> str:
         ["make", target, f"PYTHON={sys._base_executable}"],
         cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    assert result.returncode == 0, f"make {target}\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    output = f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"make {target}\n{output}"
     return result.stdout
 
 
