@@ -6,6 +6,7 @@ from pathlib import Path
 
 ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 PROJECT = Path.cwd()
+PACKAGE = ANSWERS["package_name"]
 
 # Option -> files and folders that only that option's other values need. Each later option adds
 # one small remove_* function here, so that what a choice prunes is obvious at a glance.
@@ -20,6 +21,18 @@ def remove(*relative: str) -> None:
             path.unlink()
 
 
+def remove_ctranslate2_files() -> None:
+    remove(
+        f"src/{PACKAGE}/backends/ct2.py",
+        f"src/{PACKAGE}/quantize.py",
+        f"src/{PACKAGE}/quality.py",
+        f"src/{PACKAGE}/tokenizer.py",
+        f"src/{PACKAGE}/evalset",
+        "tests/unit/test_ct2.py",
+        "tests/integration/test_ctranslate2.py",
+    )
+
+
 def record_answers() -> None:
     """Write the answers (not the machine-specific `_` keys) so the project can be re-rendered."""
     answers = {k: v for k, v in ANSWERS.items() if not k.startswith("_")}
@@ -28,6 +41,8 @@ def record_answers() -> None:
 
 
 def main() -> None:
+    if ANSWERS["inference_backend"] != "ctranslate2":
+        remove_ctranslate2_files()
     record_answers()
     print(
         f"\nRendered {ANSWERS['project_slug']}. Next:\n"

@@ -23,7 +23,16 @@ DEPENDENCY_NAMES = {
     "torch", "transformers", "typer", "src", "tests", "test",
 }  # fmt: skip
 MAX_MODEL_ID = 80  # it is rendered into source lines of at most 100 characters
-CHOICES = {"python_version": PYTHON_VERSIONS}
+CHOICES = {
+    "python_version": PYTHON_VERSIONS,
+    "inference_backend": {"transformers", "ctranslate2"},
+    "quantization": {
+        "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
+        "int8_float16", "bfloat16",
+    },
+}  # fmt: skip
+# Measured by the quality gate on the bundled SmolLM2-135M: these lose too much (see README).
+GATE_FAILS_ON_BUNDLED = {"int8", "int8_float32", "int16"}
 
 
 def check_names(answers: dict) -> None:
@@ -55,6 +64,17 @@ def check_choices(answers: dict) -> None:
             fail(f"{key} {answers[key]!r} is not one of {', '.join(sorted(allowed))}")
 
 
+def check_pairs(answers: dict) -> None:
+    backend, quantization = answers["inference_backend"], answers["quantization"]
+    if backend != "ctranslate2" and quantization != "auto":
+        fail(f"quantization={quantization} needs inference_backend=ctranslate2 (got {backend})")
+    if answers["model_id"].startswith("bundled:") and quantization in GATE_FAILS_ON_BUNDLED:
+        fail(
+            f"quantization={quantization} fails the quality gate on the bundled model "
+            "(top-1 agreement under 95%); choose auto or float32, or another model"
+        )
+
+
 def check_model(model_id: str) -> None:
     if len(model_id) > MAX_MODEL_ID:
         fail(
@@ -84,3 +104,4 @@ if __name__ == "__main__":
     check_names(ANSWERS)
     check_choices(ANSWERS)
     check_model(ANSWERS["model_id"])
+    check_pairs(ANSWERS)

@@ -1,35 +1,63 @@
-"""The option axes that change what is rendered, and the bakes the tests run.
+"""The option axes, and the bakes the tests run.
 
-Every valid combination of the axes is baked and checked; a representative few also run the
+Code axes change which files, modules and dependencies are rendered: every valid combination of
+them is baked. Value axes only change a rendered value (a version, a default setting): each of
+their values is baked once, on top of the defaults. A representative few bakes also run the
 rendered project's integration tests on the real model.
 """
 
 import itertools
 
-# Axis -> its values; the first value is the default. Later options add their axes here.
-AXES: dict[str, list[str]] = {
+# Axis -> values; the first value is the default. Later options add their axes here.
+CODE_AXES: dict[str, list[str]] = {
+    "inference_backend": ["transformers", "ctranslate2"],
+}
+VALUE_AXES: dict[str, list[str]] = {
     "python_version": ["3.11", "3.12", "3.13"],
+    "quantization": [
+        "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
+        "int8_float16", "bfloat16",
+    ],
+}  # fmt: skip
+
+DEFAULTS = {axis: values[0] for axis, values in (CODE_AXES | VALUE_AXES).items()}
+HUB_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+# What a value needs to be valid: quantization is a CTranslate2 answer, and the ones that fail
+# the quality gate on the bundled model are refused with it (see hooks/pre_gen_project.py).
+COMPANIONS = {
+    "quantization": {"inference_backend": "ctranslate2", "model_id": HUB_MODEL},
 }
 
-# Combinations the hooks refuse; none yet. Each entry: a predicate over one combination.
-INVALID: list = []
+
+def invalid(combo: dict[str, str]) -> bool:
+    """The pairs the pre-gen hook refuses (tested in test_hooks.py)."""
+    return combo.get("inference_backend") != "ctranslate2" and combo.get("quantization") not in (
+        None,
+        "auto",
+    )
 
 
 def all_combinations() -> list[dict[str, str]]:
-    keys = list(AXES)
-    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*AXES.values())]
-    return [c for c in combos if not any(rule(c) for rule in INVALID)]
+    keys = list(CODE_AXES)
+    product = [
+        dict(zip(keys, values, strict=True)) for values in itertools.product(*CODE_AXES.values())
+    ]
+    combos = [DEFAULTS | c for c in product]
+    for axis, values in VALUE_AXES.items():
+        for value in values[1:]:
+            combos.append(DEFAULTS | COMPANIONS.get(axis, {}) | {axis: value})
+    return [c for c in combos if not invalid(c)]
 
 
 def combo_id(combo: dict[str, str]) -> str:
-    return "-".join(f"{k}={v}" for k, v in combo.items())
+    shown = {k: v for k, v in combo.items() if DEFAULTS.get(k) != v}
+    return "-".join(f"{k}={v.split('/')[-1]}" for k, v in shown.items()) or "defaults"
 
 
-DEFAULTS = {axis: values[0] for axis, values in AXES.items()}
 # Every optional part rendered: its dependencies are the shared test environment's.
-FULLEST: dict[str, str] = dict(DEFAULTS)
+FULLEST: dict[str, str] = DEFAULTS | {"inference_backend": "ctranslate2"}
 
-# Names that stress the derivations: unicode, digits, long words, the package name told apart.
+# Names that stress the derivations: unicode, digits, quotes, a long description.
 AWKWARD_NAMES = {
     "project_name": "Ünïcode LLM Bot 2",
     "author_name": 'Zoë O\'Brien "quoted"',
@@ -39,5 +67,5 @@ AWKWARD_NAMES = {
 # Bakes that also run the rendered integration tests (the real model).
 REPRESENTATIVE: list[dict[str, str]] = [
     dict(DEFAULTS),
-    dict(DEFAULTS) | {"python_version": "3.13"} | AWKWARD_NAMES,
+    DEFAULTS | {"inference_backend": "ctranslate2", "python_version": "3.13"} | AWKWARD_NAMES,
 ]

@@ -50,8 +50,23 @@ BASE_FILES = {
 }
 
 
+CTRANSLATE2_FILES = {
+    "src/{pkg}/backends/ct2.py",
+    "src/{pkg}/evalset/heldout.txt",
+    "src/{pkg}/evalset/prompts.jsonl",
+    "src/{pkg}/quality.py",
+    "src/{pkg}/quantize.py",
+    "src/{pkg}/tokenizer.py",
+    "tests/integration/test_ctranslate2.py",
+    "tests/unit/test_ct2.py",
+}
+
+
 def expected_files(combo: dict[str, str], package: str) -> set[str]:
-    return {path.format(pkg=package) for path in BASE_FILES}
+    paths = set(BASE_FILES)
+    if combo["inference_backend"] == "ctranslate2":
+        paths |= CTRANSLATE2_FILES
+    return {path.format(pkg=package) for path in paths}
 
 
 def files_of(project: Path) -> set[str]:

@@ -20,6 +20,11 @@ INVALID = [
     ({"model_id": "not a model!!"}, "is neither bundled:<name>, a Hub id"),
     ({"model_id": "bundled:GPT-9"}, "'bundled:GPT-9' is not a bundled model"),
     ({"model_id": "org/" + "x" * 90}, "over 80"),
+    ({"quantization": "int8"}, "quantization=int8 needs inference_backend=ctranslate2"),
+    (
+        {"inference_backend": "ctranslate2", "quantization": "int16"},
+        "quantization=int16 fails the quality gate on the bundled model",
+    ),
 ]
 
 
@@ -37,10 +42,15 @@ def test_invalid_answers_stop_in_the_hook_with_their_message(
     assert list((tmp_path / "cookies" / "bake00").iterdir()) == []  # pytest-cookies output
 
 
-def test_an_unknown_choice_is_refused_before_rendering(cookies):
-    result = cookies.bake(extra_context={"python_version": "2.7"})
+@pytest.mark.parametrize(
+    ("answers", "allowed"),
+    [({"python_version": "2.7"}, "3.11"), ({"inference_backend": "vllm"}, "ctranslate2")],
+)
+def test_an_unknown_choice_is_refused_before_rendering(answers, allowed, cookies):
+    result = cookies.bake(extra_context=answers)
     assert result.exit_code != 0
-    assert "2.7" in str(result.exception) and "3.11" in str(result.exception)
+    (value,) = answers.values()
+    assert value in str(result.exception) and allowed in str(result.exception)
 
 
 @pytest.mark.parametrize("slug", ["my-project!", "class"])

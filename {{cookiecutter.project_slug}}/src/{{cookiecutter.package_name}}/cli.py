@@ -18,7 +18,13 @@ model_app = typer.Typer(help="Fetch and prepare the model.", no_args_is_help=Tru
 app.add_typer(model_app, name="model")
 
 # Errors a user can fix: printed as one line, never as a traceback.
-USER_ERRORS = (ModelSourceError, SettingsError, RequestError, FileNotFoundError, IsADirectoryError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ModelSourceError,
+    SettingsError,
+    RequestError,
+    FileNotFoundError,
+    IsADirectoryError,
+)
 
 
 @app.callback()
@@ -110,13 +116,43 @@ def batch(
             typer.echo(f"{reply.id}: {' '.join(answer.split())}")
     typer.echo(summary.line())
     typer.echo(f"replies written to {target}")
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+
+
+@app.command()
+def convert(
+    quantization: Annotated[
+        str | None, typer.Option(help="int8, int8_float32, int16, float32, float16, ... or auto")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model spec; default from settings")] = None,
+    force: Annotated[bool, typer.Option(help="Publish even if the quality gate fails")] = False,
+    every: Annotated[
+        bool, typer.Option("--all", help="Gate every compute type of this device; print the table")
+    ] = False,
+) -> None:
+    """Convert the model to CTranslate2, gate its quality against the float model, publish it."""
+    from {{ cookiecutter.package_name }}.quality import table
+    from {{ cookiecutter.package_name }}.quantize import QualityGateError, convert, gate_device, schemes_for
+
+    settings = load_settings(model=model, quantization=quantization)
+    hf_dir = resolve_model(settings.model, settings.models_dir)
+    schemes = schemes_for(settings.quantization, every, gate_device())
+    auto = settings.quantization == "auto" and not every
+    reports = convert(settings, hf_dir, schemes, force=force, stop_at_first_pass=auto)
+    typer.echo(table(reports))
+    if not any(r.passed for r in reports) and not force:
+        failed = reports[-1]
+        raise QualityGateError(
+            f"{failed.scheme} failed the quality gate ({failed.why()}) and was not published; "
+            "choose another quantization (auto picks the fastest that passes) or use --force"
+        )
+{%- endif %}
 
 
 def _service(settings: Settings) -> InferenceService:
     from {{ cookiecutter.package_name }}.backends import load_backend
 
-    backend = load_backend(settings, resolve_model(settings.model, settings.models_dir))
-    return InferenceService.from_settings(settings, backend)
+    return InferenceService.from_settings(settings, load_backend(settings))
 
 
 def _fail(message: str) -> None:
@@ -126,8 +162,15 @@ def _fail(message: str) -> None:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    from {{ cookiecutter.package_name }}.quantize import QualityGateError
+
+    errors = (*USER_ERRORS, QualityGateError)
+{%- else %}
+    errors = USER_ERRORS
+{%- endif %}
     try:
         app()
-    except USER_ERRORS as exc:
+    except errors as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -28,6 +28,30 @@ class Settings(BaseSettings):
     # float32 on CPU; on CUDA "auto" picks bfloat16 where supported, else float16.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     num_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = all cores")
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+
+    # Engine: ctranslate2 serves the converted model; transformers is its float reference.
+    backend: Literal["ctranslate2", "transformers"] = "ctranslate2"
+    # auto: the fastest scheme that passes the quality gate (see `convert`).
+    quantization: Literal[
+        "auto",
+        "int8",
+        "int8_float32",
+        "int16",
+        "int8_weights",
+        "float32",
+        "float16",
+        "int8_float16",
+        "bfloat16",
+    ] = "{{ cookiecutter.quantization }}"
+    inter_threads: int = Field(default=1, ge=1, description="CTranslate2 batches run in parallel")
+    intra_threads: int = Field(default=0, ge=0, description="threads per batch; 0 = cores/inter")
+    # Quality gate of `convert`: a converted model below these is not published.
+    gate_min_top1: float = Field(default=0.95, ge=0.0, le=1.0)
+    gate_max_ppl_ratio: float = Field(default=1.02, ge=1.0)
+    gate_max_facts_lost: int = Field(default=0, ge=0)
+    gate_min_exact_match: float = Field(default=0.0, ge=0.0, le=1.0)
+{%- endif %}
 
     # Prompts
     system_prompt: str | None = None

@@ -1,17 +1,37 @@
 """Inference engines behind one `Backend` protocol; `load_backend` picks the configured one."""
 
-from pathlib import Path
-
 from {{ cookiecutter.package_name }}.backends.base import Backend, Completion
+from {{ cookiecutter.package_name }}.model_source import resolve_model
 from {{ cookiecutter.package_name }}.settings import Settings
 
 __all__ = ["Backend", "Completion", "load_backend"]
 
 
-def load_backend(settings: Settings, model_dir: Path) -> Backend:
-    """Return the configured engine loaded from `model_dir` (a resolved local directory)."""
+def load_backend(settings: Settings) -> Backend:
+    """Return the configured engine with its model, fetched or converted first if needed.
+
+    Raises ModelSourceError when the model cannot be found, fetched, converted or loaded.
+    """
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.backends.ct2 import CTranslate2Backend
+        from {{ cookiecutter.package_name }}.quantize import ct2_types, ensure_converted
+
+        model_dir, scheme = ensure_converted(settings)
+        return CTranslate2Backend(
+            model_dir,
+            device=settings.device,
+            compute_type=ct2_types(scheme)[1],
+            inter_threads=settings.inter_threads,
+            intra_threads=settings.intra_threads,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+{%- endif %}
     from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
 
     return TransformersBackend(
-        model_dir, device=settings.device, dtype=settings.dtype, num_threads=settings.num_threads
+        resolve_model(settings.model, settings.models_dir),
+        device=settings.device,
+        dtype=settings.dtype,
+        num_threads=settings.num_threads,
     )

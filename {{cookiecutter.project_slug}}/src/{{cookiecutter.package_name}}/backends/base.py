@@ -25,6 +25,23 @@ class Backend(Protocol):
         ...
 
 
+def sampling_groups(batch: list[PreparedRequest]) -> list[list[int]]:
+    """Indices of requests that can share one engine call: greedy ones together, sampled ones
+    by (temperature, top_p), and each seeded one alone, so that its text does not depend on its
+    batchmates."""
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(batch):
+        p = request.params
+        if p.greedy:
+            key: tuple = ("greedy",)
+        elif p.seed is not None:
+            key = ("seeded", i)
+        else:
+            key = ("sample", p.temperature, p.top_p)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """Return `text` up to the earliest stop string and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

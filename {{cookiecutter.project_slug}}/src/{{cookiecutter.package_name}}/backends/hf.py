@@ -13,7 +13,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from {{ cookiecutter.package_name }}.backends.base import Completion, cut_at_stop
+from {{ cookiecutter.package_name }}.backends.base import Completion, cut_at_stop, sampling_groups
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
 
@@ -66,7 +66,7 @@ class TransformersBackend:
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """One completion per request, in order; requests sharing sampling settings share a pass."""
         results: dict[int, Completion] = {}
-        for indices in _groups(batch):
+        for indices in sampling_groups(batch):
             group = [batch[i] for i in indices]
             for i, completion in zip(indices, self._generate_group(group), strict=True):
                 results[i] = completion
@@ -135,23 +135,6 @@ class _RowStop(StoppingCriteria):
                 )
                 done[row] = any(s in text for s in stops)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _groups(batch: list[PreparedRequest]) -> list[list[int]]:
-    """Indices of requests that can share one `generate` call (same sampling settings)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, request in enumerate(batch):
-        groups.setdefault(_sampling_key(request.params, i), []).append(i)
-    return list(groups.values())
-
-
-def _sampling_key(params: GenerationParams, index: int) -> tuple:
-    if params.greedy:
-        return ("greedy",)
-    if params.seed is not None:
-        # A seeded request samples alone: its text must not depend on its batchmates.
-        return ("seeded", index)
-    return ("sample", params.temperature, params.top_p)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -1,0 +1,115 @@
+"""CTranslate2 on the real bundled model: conversion, the quality gate, parity and no torch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE, CTranslate2Backend
+from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
+from {{ cookiecutter.package_name }}.quality import EvalSet
+from {{ cookiecutter.package_name }}.quantize import EVAL_DIR, find_published, published_dir
+from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
+
+pytestmark = pytest.mark.integration
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def float32(settings, model_dir) -> Path:
+    """The bundled model converted to CTranslate2 float32, gated and published."""
+    float_settings = settings.model_copy(update={"quantization": "float32"})
+    if find_published(float_settings) is None:
+        result = cli("convert", "--quantization", "float32")
+        assert result.returncode == 0, result.stderr
+    return published_dir(float_settings, "float32")
+
+
+def test_float32_passes_the_gate_with_its_report_published(float32):
+    meta = json.loads((float32 / META_FILE).read_text())
+    assert meta["quantization"] == "float32" and not meta["forced"]
+    assert meta["gate"]["passed"] is True
+    assert meta["gate"]["top1"] >= 0.99 and meta["gate"]["ppl_ratio"] <= 1.005
+    assert meta["context_window"] == 8192
+
+
+def test_float32_greedy_equals_transformers_greedy_on_the_eval_prompts(
+    settings, model_dir, float32
+):
+    chats = EvalSet.load(EVAL_DIR).chats
+    requests = [{"id": cid, "messages": chat, "max_new_tokens": 48} for cid, chat, _ in chats]
+    engines = [TransformersBackend(model_dir), CTranslate2Backend(float32, compute_type="float32")]
+    answers = {}
+    for engine in engines:
+        service = InferenceService.from_settings(settings, engine)
+        admitted = [service.admit(r, r["id"]) for r in requests]
+        assert all(isinstance(a, Admitted) for a in admitted)
+        answers[engine.name] = {reply.id: reply.text for reply in service.run(admitted)}
+    assert len(answers["ctranslate2"]) == 32
+    differ = {i: (t, answers["ctranslate2"][i]) for i, t in answers["transformers"].items()}
+    assert {i: pair for i, pair in differ.items() if pair[0] != pair[1]} == {}
+
+
+def test_a_degraded_quantization_is_refused_with_one_clear_line(settings):
+    int8 = published_dir(settings.model_copy(update={"quantization": "int8"}), "int8")
+    result = cli("convert", "--quantization", "int8")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: int8 failed the quality gate (top-1 agreement")
+    assert "Traceback" not in result.stderr
+    assert "| int8 |" in result.stdout and "FAIL" in result.stdout  # the table is printed
+    assert not int8.exists()
+
+
+def test_convert_is_idempotent(float32):
+    before = (float32 / "model.bin").stat().st_mtime_ns
+    result = cli("convert", "--quantization", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "already published" in result.stderr
+    assert (float32 / "model.bin").stat().st_mtime_ns == before
+
+
+def test_the_serving_process_never_imports_torch(float32):
+    script = (
+        "import json, resource, sys\n"
+        "from {{ cookiecutter.package_name }}.backends import load_backend\n"
+        "from {{ cookiecutter.package_name }}.service import InferenceService\n"
+        "from {{ cookiecutter.package_name }}.settings import load_settings\n"
+        "settings = load_settings(backend='ctranslate2', quantization='float32')\n"
+        "service = InferenceService.from_settings(settings, load_backend(settings))\n"
+        "request = {'id': 'q', 'prompt': 'What is the capital of France?'}\n"
+        "reply = service.run([service.admit(request, 'q')])[0]\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'text': reply.text, 'torch': 'torch' in sys.modules,\n"
+        "    'transformers': 'transformers' in sys.modules, 'rss_mib': round(rss)}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        cwd=PROJECT_ROOT, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Paris" in seen["text"]
+    assert seen["torch"] is False and seen["transformers"] is False
+    print(f"ctranslate2 serving process: {seen['rss_mib']} MiB peak RSS without torch")
+
+
+def test_the_main_job_runs_on_ctranslate2(tmp_path, float32):
+    env = {f"{ENV_PREFIX}BACKEND": "ctranslate2", f"{ENV_PREFIX}QUANTIZATION": "float32"}
+    out = str(tmp_path / "out.jsonl")
+    result = cli("batch", "data/sample_prompts.jsonl", out, "--show", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "inputs/s" in result.stdout
+    assert "compute type float32" in result.stderr

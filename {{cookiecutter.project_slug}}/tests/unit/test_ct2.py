@@ -1,0 +1,72 @@
+"""CTranslate2-side pieces that need no model: the torch-free chat tokenizer and thread limits."""
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from {{ cookiecutter.package_name }}.backends.ct2 import thread_split
+from {{ cookiecutter.package_name }}.tokenizer import ChatTokenizer
+
+from .test_prompts import CHATML
+
+CHATS = [
+    [{"role": "user", "content": "hello there"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what now"}],
+    [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny tokenizer saved by transformers, as a converted model directory holds it."""
+    vocab = {"[UNK]": 0, "<|im_end|>": 1, "hello": 2, "there": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", eos_token="<|im_end|>"
+    )
+    fast.chat_template = CHATML
+    directory = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_chat_prompts_render_exactly_as_transformers_renders_them(saved, chat):
+    reference = AutoTokenizer.from_pretrained(saved)
+    ours = ChatTokenizer(saved)
+    expected = reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    text = ours.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == expected
+    assert ours(text)["input_ids"] == reference(text, add_special_tokens=False)["input_ids"]
+
+
+def test_special_tokens_and_round_trips(saved):
+    ours = ChatTokenizer(saved)
+    assert ours.eos_token == "<|im_end|>"
+    assert ours.eos_token_id == 1
+    ids = ours("hello there")["input_ids"]
+    assert ours.convert_ids_to_tokens(ids) == ["hello", "there"]
+    assert ours.convert_tokens_to_ids(["hello", "there"]) == ids
+    assert ours.decode(ids) == "hello there"
+
+
+def test_a_directory_without_tokenizer_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        ChatTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("inter", "intra", "cores", "expected"),
+    [(1, 0, 8, (1, 8)), (2, 0, 8, (2, 4)), (4, 0, 2, None), (1, 3, 2, None), (2, 1, 2, (2, 1))],
+)
+def test_inter_times_intra_threads_never_exceeds_the_cores(inter, intra, cores, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="over the"):
+            thread_split(inter, intra, cores)
+    else:
+        assert thread_split(inter, intra, cores) == expected
