@@ -22,6 +22,7 @@ DEPENDENCY_NAMES = {
     "pydantic_settings", "pymysql", "pytest", "ray", "rich", "ruff", "safetensors", "tokenizers",
     "torch", "transformers", "typer", "src", "tests", "test",
 }  # fmt: skip
+MAX_PACKAGE_NAME = 40  # longer names push rendered import lines over 100 characters
 MAX_MODEL_ID = 80  # it is rendered into source lines of at most 100 characters
 CHOICES = {
     "python_version": PYTHON_VERSIONS,
@@ -48,6 +49,10 @@ def check_names(answers: dict) -> None:
     package = answers["package_name"]
     if not PACKAGE.match(package) or not package.isidentifier():
         fail(f"package_name {package!r} is not a valid Python package name (e.g. 'my_llm_service')")
+    if len(package) > MAX_PACKAGE_NAME:
+        fail(
+            f"package_name {package!r} is over {MAX_PACKAGE_NAME} characters; choose a shorter name"
+        )
     if keyword.iskeyword(package) or keyword.issoftkeyword(package):
         fail(f"package_name {package!r} is a Python keyword; choose another project_slug")
     if package in sys.stdlib_module_names:

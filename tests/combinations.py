@@ -64,6 +64,9 @@ AWKWARD_NAMES = {
     "description": "Quotes ' \" and {braces} and a very long description " + "that goes on " * 12,
 }
 
+# The longest package name the hook accepts (40 characters): rendered lines must still fit.
+LONG_NAME = {"project_name": "My Extremely Verbose Llm Service Name Ab"}
+
 # Bakes that also run the rendered integration tests (the real model).
 REPRESENTATIVE: list[dict[str, str]] = [
     dict(DEFAULTS),

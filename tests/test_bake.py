@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from combinations import AWKWARD_NAMES, REPRESENTATIVE, all_combinations, combo_id
+from combinations import (
+    AWKWARD_NAMES,
+    CODE_AXES,
+    LONG_NAME,
+    REPRESENTATIVE,
+    all_combinations,
+    combo_id,
+)
 from conftest import package_of, project_env
 
 COMBINATIONS = all_combinations()
@@ -16,6 +23,9 @@ RUFF = [sys.executable, "-m", "ruff"]
 
 BASE_FILES = {
     ".cookiecutter.json",
+    ".dockerignore",
+    "Dockerfile",
+    "docker-compose.yml",
     ".env.example",
     ".github/workflows/ci.yml",
     ".gitignore",
@@ -34,6 +44,10 @@ BASE_FILES = {
     "src/{pkg}/messages.py",
     "src/{pkg}/model_source.py",
     "src/{pkg}/prompts.py",
+    "src/{pkg}/queue/__init__.py",
+    "src/{pkg}/queue/client.py",
+    "src/{pkg}/queue/topology.py",
+    "src/{pkg}/queue/worker.py",
     "src/{pkg}/service.py",
     "src/{pkg}/settings.py",
     "src/{pkg}/stats.py",
@@ -42,6 +56,7 @@ BASE_FILES = {
     "tests/integration/__init__.py",
     "tests/integration/test_generation.py",
     "tests/integration/test_jobs.py",
+    "tests/integration/test_queue.py",
     "tests/unit/__init__.py",
     "tests/unit/test_batching.py",
     "tests/unit/test_messages.py",
@@ -110,11 +125,33 @@ def test_ruff_check_and_format_pass(project):
     run([*RUFF, "format", "--check", "--no-cache", "."], project)
 
 
+@pytest.mark.parametrize("names", [AWKWARD_NAMES, LONG_NAME], ids=["awkward", "longest"])
+@pytest.mark.parametrize("backend", CODE_AXES["inference_backend"])
+def test_unusual_names_still_pass_ruff(names, backend, bake, default_answers):
+    project = bake(default_answers | names | {"inference_backend": backend})
+    run([*RUFF, "check", "--no-cache", "."], project)
+    run([*RUFF, "format", "--check", "--no-cache", "."], project)
+
+
+def test_docker_compose_runs_the_broker_with_a_healthcheck_and_the_worker(project):
+    import yaml
+
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
+    broker, worker = compose["services"]["rabbitmq"], compose["services"]["worker"]
+    assert (
+        "management" in broker["image"] and "rabbitmq-diagnostics" in broker["healthcheck"]["test"]
+    )
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert worker["command"] == ["worker"]
+    dockerfile = (project / "Dockerfile").read_text()
+    assert f'ENTRYPOINT ["{project.name}"]' in dockerfile
+
+
 def test_the_package_imports_and_its_cli_answers_help(project):
     package = package_of(project)
     run([sys.executable, "-c", f"import {package}.cli, {package}.backends.hf"], project)
     result = run([sys.executable, "-m", package, "--help"], project)
-    for command in ("model", "generate", "batch"):
+    for command in ("model", "generate", "batch", "worker", "submit"):
         assert command in result.stdout
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: one real model for the whole session, loaded only by integration tests."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def model_dir(settings: Settings) -> Path:
 def backend(settings: Settings, model_dir: Path):
     from {{ cookiecutter.package_name }}.backends import load_backend
 
-    return load_backend(settings, model_dir)
+    return load_backend(settings)
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,24 @@ def service(settings: Settings, backend):
     from {{ cookiecutter.package_name }}.service import InferenceService
 
     return InferenceService.from_settings(settings, backend)
+
+
+@pytest.fixture(scope="session")
+def broker(settings: Settings) -> str:
+    """The RabbitMQ URL, if the broker answers; else skip (or fail under CI=true)."""
+    import pika
+    from pika.exceptions import AMQPError
+
+    from {{ cookiecutter.package_name }}.queue.topology import connection_parameters, redact
+
+    try:
+        pika.BlockingConnection(connection_parameters(settings.rabbitmq_url, 30)).close()
+    except (AMQPError, OSError) as exc:
+        message = (
+            f"RabbitMQ is unreachable at {redact(settings.rabbitmq_url)} ({type(exc).__name__}); "
+            "start it with `docker compose up -d rabbitmq`"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return settings.rabbitmq_url

@@ -19,6 +19,7 @@ app.add_typer(model_app, name="model")
 
 # Errors a user can fix: printed as one line, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,  # the broker is unreachable (BrokerUnavailableError says how to start it)
     ModelSourceError,
     SettingsError,
     RequestError,
@@ -34,7 +35,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -116,6 +117,110 @@ def batch(
             typer.echo(f"{reply.id}: {' '.join(answer.split())}")
     typer.echo(summary.line())
     typer.echo(f"replies written to {target}")
+
+
+@app.command()
+def worker() -> None:
+    """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished)."""
+    import signal
+
+    from {{ cookiecutter.package_name }}.queue.worker import Worker
+
+    settings = load_settings()
+    served = Worker(_service(settings), settings)
+
+    def stop(signum: int, frame: object) -> None:
+        logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
+        served.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    served.run()
+
+
+@app.command()
+def submit(
+    source: Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")],
+    target: Annotated[Path, typer.Argument(help="JSONL of replies, written in input order")],
+    window: Annotated[int | None, typer.Option(min=1, help="Requests in flight")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.1, help="Seconds per request")] = None,
+) -> None:
+    """Send a file of requests to the workers through RabbitMQ; write their replies in order."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from {{ cookiecutter.package_name }}.batch_job import read_requests, write_replies
+    from {{ cookiecutter.package_name }}.queue.client import Client
+    from {{ cookiecutter.package_name }}.stats import summarize
+
+    settings = load_settings(client_window=window, reply_timeout_s=timeout)
+    requests, replies = _requests_to_send(read_requests(source))
+    client = Client(
+        settings.rabbitmq_url,
+        settings.queue_prefix,
+        window=settings.client_window,
+        timeout_s=settings.reply_timeout_s,
+        heartbeat_s=settings.heartbeat_s,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("waiting for replies", total=len(replies))
+        progress.update(task, completed=sum(r is not None for r in replies.values()))
+
+        def on_reply(reply: Reply) -> None:
+            replies[reply.id] = reply
+            progress.advance(task)
+
+        stats = client.submit(requests, on_reply)
+    seconds = time.perf_counter() - started
+    finished = [r for r in replies.values() if r is not None]
+    write_replies(target, finished)
+    served = [r for r in finished if r.error is None]
+    summary = summarize(
+        seconds,
+        stats.latencies_ms[: len(served)],
+        sum(r.usage.completion_tokens for r in served),
+        errors=len(finished) - len(served),
+    )
+    typer.echo(summary.line())
+    typer.echo(
+        f"{stats.duplicates} duplicate replies dropped, {stats.timeouts} timed out, "
+        f"{stats.reconnects} reconnects; replies written to {target}"
+    )
+
+
+def _requests_to_send(
+    lines: list[tuple[str, bytes]],
+) -> tuple[list[dict], dict[str, Reply | None]]:
+    """Requests with unique ids to send, and the reply slots in input order (lines that are
+    not JSON objects, or repeat an id, get their error reply here and are not sent)."""
+    import json
+
+    requests: list[dict] = []
+    replies: dict[str, Reply | None] = {}
+    for fallback_id, line in lines:
+        try:
+            raw = json.loads(line)
+        except ValueError as exc:
+            error = RequestError("invalid_json", f"request is not JSON: {exc}")
+            replies[fallback_id] = Reply.failure(fallback_id, error)
+            continue
+        if not isinstance(raw, dict):
+            error = RequestError("invalid_request", "request must be a JSON object")
+            replies[fallback_id] = Reply.failure(fallback_id, error)
+            continue
+        raw.setdefault("id", fallback_id)
+        request_id = str(raw["id"])
+        if request_id in replies:
+            error = RequestError("duplicate_id", f"id {request_id!r} appears twice in the input")
+            replies[f"{fallback_id}:duplicate"] = Reply.failure(request_id, error)
+            continue
+        replies[request_id] = None
+        requests.append(raw)
+    return requests, replies
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 
 
@@ -132,7 +237,12 @@ def convert(
 ) -> None:
     """Convert the model to CTranslate2, gate its quality against the float model, publish it."""
     from {{ cookiecutter.package_name }}.quality import table
-    from {{ cookiecutter.package_name }}.quantize import QualityGateError, convert, gate_device, schemes_for
+    from {{ cookiecutter.package_name }}.quantize import (
+        QualityGateError,
+        convert,
+        gate_device,
+        schemes_for,
+    )
 
     settings = load_settings(model=model, quantization=quantization)
     hf_dir = resolve_model(settings.model, settings.models_dir)

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
-from {{ cookiecutter.package_name }}.quality import GateReport, Reference, Thresholds, evaluate
+from {{ cookiecutter.package_name }}.quality import (
+    EvalSet,
+    GateReport,
+    Reference,
+    Thresholds,
+    evaluate,
+)
 from {{ cookiecutter.package_name }}.settings import Settings
 from {{ cookiecutter.package_name }}.tokenizer import TOKENIZER_FILES
 
@@ -113,13 +119,15 @@ def convert(
         max_facts_lost=settings.gate_max_facts_lost,
         min_exact_match=settings.gate_min_exact_match,
     )
-    from {{ cookiecutter.package_name }}.quality import EvalSet
-
-    log.info("computing the float reference on the evaluation set (%s)", EVAL_DIR)
-    reference = Reference(hf_dir, EvalSet.load(EVAL_DIR))
+    reference: Reference | None = None
     reports = []
     for scheme in schemes:
-        report = convert_one(settings, hf_dir, scheme, reference, thresholds, force)
+        report = already_published(settings, hf_dir, scheme) if not force else None
+        if report is None:
+            if reference is None:
+                log.info("computing the float reference on the evaluation set (%s)", EVAL_DIR)
+                reference = Reference(hf_dir, EvalSet.load(EVAL_DIR))
+            report = convert_one(settings, hf_dir, scheme, reference, thresholds, force)
         reports.append(report)
         if report.passed and stop_at_first_pass:
             break
@@ -143,11 +151,6 @@ def convert_one(
     from ctranslate2.converters import TransformersConverter
 
     target = published_dir(settings, scheme)
-    if (target / META_FILE).is_file() and not force:
-        meta = json.loads((target / META_FILE).read_text())
-        if meta.get("source_dir") == str(hf_dir):
-            log.info("[%s] already published in %s (use --force to redo)", scheme, target)
-            return GateReport.from_json(meta["gate"])
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         staging = Path(tmp) / "model"
@@ -186,6 +189,18 @@ def convert_one(
         staging.rename(target)
     log.info("[%s] published %s", scheme, target)
     return report
+
+
+def already_published(settings: Settings, hf_dir: Path, scheme: str) -> GateReport | None:
+    """The stored gate report of `scheme` if it was published from `hf_dir`, else None."""
+    target = published_dir(settings, scheme)
+    if not (target / META_FILE).is_file():
+        return None
+    meta = json.loads((target / META_FILE).read_text())
+    if meta.get("source_dir") != str(hf_dir):
+        return None
+    log.info("[%s] already published in %s (use --force to redo)", scheme, target)
+    return GateReport.from_json(meta["gate"])
 
 
 def gate_device() -> str:

@@ -6,8 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from {{ cookiecutter.package_name }}.backends import Backend
-from {{ cookiecutter.package_name }}.messages import Reply, RequestError, Usage, parse_request, request_id_of
-from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest, PromptBuilder
+from {{ cookiecutter.package_name }}.messages import (
+    Reply,
+    RequestError,
+    Usage,
+    parse_request,
+    request_id_of,
+)
+from {{ cookiecutter.package_name }}.prompts import (
+    GenerationParams,
+    PreparedRequest,
+    PromptBuilder,
+)
 from {{ cookiecutter.package_name }}.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(default=16384, ge=1, description="padded prompt+new tokens")
     sort_by_length: bool = True
 
+    # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue_prefix: str = Field(default="{{ cookiecutter.project_slug }}", pattern=r"^[\w.-]+$")
+    queue_max_length: int | None = Field(default=None, ge=1, description="backpressure")
+    prefetch_count: int = Field(default=0, ge=0, description="0 = twice max_batch_size")
+    heartbeat_s: int = Field(default=30, ge=1)
+    report_every_s: float = Field(default=30.0, gt=0)
+    client_window: int = Field(default=64, ge=1, description="requests in flight per client")
+    reply_timeout_s: float = Field(default=300.0, gt=0)
+    connect_timeout_s: float = Field(default=30.0, gt=0, description="client gives up after")
+
     @property
     def models_dir(self) -> Path:
         return self.cache_dir / "models"

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from {{ cookiecutter.package_name }}.batch_job import run_batch_file
-from {{ cookiecutter.package_name }}.model_source import COMPLETE_MARKER, ModelSourceError, resolve_model
+from {{ cookiecutter.package_name }}.model_source import (
+    COMPLETE_MARKER,
+    ModelSourceError,
+    resolve_model,
+)
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

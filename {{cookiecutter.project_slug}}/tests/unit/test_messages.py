@@ -2,7 +2,12 @@ import json
 
 import pytest
 
-from {{ cookiecutter.package_name }}.messages import Reply, RequestError, parse_request, request_id_of
+from {{ cookiecutter.package_name }}.messages import (
+    Reply,
+    RequestError,
+    parse_request,
+    request_id_of,
+)
 
 
 def test_a_prompt_request_becomes_one_user_turn():

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import ctranslate2
 
-from {{ cookiecutter.package_name }}.backends.base import Completion, cut_at_stop, sampling_groups
+from {{ cookiecutter.package_name }}.backends.base import (
+    Completion,
+    cut_at_stop,
+    sampling_groups,
+)
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
 from {{ cookiecutter.package_name }}.tokenizer import ChatTokenizer

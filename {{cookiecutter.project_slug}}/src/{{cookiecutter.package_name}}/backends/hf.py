@@ -13,7 +13,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from {{ cookiecutter.package_name }}.backends.base import Completion, cut_at_stop, sampling_groups
+from {{ cookiecutter.package_name }}.backends.base import (
+    Completion,
+    cut_at_stop,
+    sampling_groups,
+)
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
 

@@ -1,0 +1,1 @@
+"""RabbitMQ: the topology, the worker that serves requests and the client that sends them."""

@@ -1,0 +1,185 @@
+"""The client: send requests to the workers and collect their replies (RPC over RabbitMQ).
+
+A bounded window of requests is in flight; each is published persistent under publisher
+confirms to the durable request queue, with its id as correlation id and a durable reply queue
+of this client's own as `reply_to`. The client survives a broker restart (it reconnects and
+re-sends what was not confirmed), gives up on a request after its timeout, and drops duplicate
+replies (delivery is at-least-once) by id.
+"""
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError, UnroutableError
+
+from {{ cookiecutter.package_name }}.messages import ErrorInfo, Reply
+from {{ cookiecutter.package_name }}.queue.topology import (
+    Names,
+    connection_parameters,
+    declare,
+    declare_reply_queue,
+    redact,
+)
+
+log = logging.getLogger(__name__)
+CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
+
+
+@dataclass
+class ClientStats:
+    sent: int = 0
+    replies: int = 0
+    duplicates: int = 0
+    timeouts: int = 0
+    reconnects: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class BrokerUnavailableError(ConnectionError):
+    """RabbitMQ cannot be reached; the message says where and how to start it."""
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        window: int = 64,
+        timeout_s: float = 300.0,
+        heartbeat_s: int = 30,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.names = Names(prefix)
+        self.window = window
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.connect_timeout_s = connect_timeout_s
+        self.reply_queue = self.names.replies(uuid.uuid4().hex[:12])
+        self.stats = ClientStats()
+        self._connection: Any = None
+        self._channel: Any = None
+        self._consumer = ""
+
+    def submit(
+        self, requests: Iterable[dict[str, Any]], on_reply: Callable[[Reply], None]
+    ) -> ClientStats:
+        """Send every request (each a dict with a unique "id") and call `on_reply` once per id.
+
+        A request with no reply within the timeout gets an error reply of type "timeout".
+        Raises BrokerUnavailableError if the broker stays unreachable.
+        """
+        pending = list(requests)[::-1]  # popped from the end: input order
+        inflight: dict[str, tuple[dict[str, Any], float]] = {}
+        answered: set[str] = set()
+
+        def received(reply: Reply) -> None:
+            if reply.id in answered or reply.id not in inflight:
+                self.stats.duplicates += 1
+                return
+            _, sent_at = inflight.pop(reply.id)
+            answered.add(reply.id)
+            self.stats.replies += 1
+            self.stats.latencies_ms.append((time.monotonic() - sent_at) * 1000.0)
+            on_reply(reply)
+
+        self._connect(received)
+        try:
+            while pending or inflight:
+                try:
+                    while pending and len(inflight) < self.window:
+                        request = pending[-1]
+                        self._publish(request)
+                        pending.pop()
+                        inflight[request["id"]] = (request, time.monotonic())
+                        self.stats.sent += 1
+                    self._connection.process_data_events(time_limit=0.1)
+                except CONNECTION_ERRORS as exc:
+                    log.warning(
+                        "connection lost (%s); reconnecting", str(exc) or type(exc).__name__
+                    )
+                    self.stats.reconnects += 1
+                    self._connect(received)
+                self._expire(inflight, on_reply)
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        try:
+            if self._channel is not None and self._channel.is_open:
+                self._channel.basic_cancel(self._consumer)
+                self._channel.queue_delete(self.reply_queue)
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        except CONNECTION_ERRORS:
+            pass
+
+    def _expire(
+        self, inflight: dict[str, tuple[dict[str, Any], float]], on_reply: Callable[[Reply], None]
+    ) -> None:
+        now = time.monotonic()
+        for request_id, (_, sent_at) in list(inflight.items()):
+            if now - sent_at > self.timeout_s:
+                del inflight[request_id]
+                self.stats.timeouts += 1
+                error = ErrorInfo(type="timeout", message=f"no reply within {self.timeout_s:g} s")
+                on_reply(Reply(id=request_id, finish_reason="error", error=error))
+
+    def _publish(self, request: dict[str, Any]) -> None:
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            correlation_id=request["id"],
+            message_id=request["id"],
+            reply_to=self.reply_queue,
+        )
+        body = json.dumps(request).encode()
+        while True:
+            try:
+                self._channel.basic_publish(
+                    "", self.names.requests, body, properties, mandatory=True
+                )
+                return
+            except NackError:  # the queue is full (x-max-length): back off, then retry
+                self._connection.process_data_events(time_limit=0.5)
+            except UnroutableError as exc:
+                raise AMQPChannelError(f"request queue {self.names.requests} missing") from exc
+
+    def _connect(self, received: Callable[[Reply], None]) -> None:
+        deadline = time.monotonic() + self.connect_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                params = connection_parameters(self.url, self.heartbeat_s)
+                self._connection = pika.BlockingConnection(params)
+                self._channel = self._connection.channel()
+                declare(self._channel, self.names)
+                declare_reply_queue(self._channel, self.reply_queue)
+                self._channel.confirm_delivery()
+
+                def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+                    try:
+                        received(Reply.model_validate_json(body))
+                    finally:
+                        channel.basic_ack(method.delivery_tag)
+
+                self._consumer = self._channel.basic_consume(
+                    self.reply_queue, on_message_callback=on_message
+                )
+                return
+            except CONNECTION_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailableError(
+                        f"RabbitMQ is unreachable at {redact(self.url)} "
+                        f"({str(exc) or type(exc).__name__}); start it with "
+                        "`docker compose up -d rabbitmq`"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
