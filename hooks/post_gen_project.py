@@ -33,6 +33,10 @@ def remove_ctranslate2_files() -> None:
     )
 
 
+def remove_ray_files() -> None:
+    remove(f"src/{PACKAGE}/distributed.py", "tests/integration/test_ray.py")
+
+
 def record_answers() -> None:
     """Write the answers (not the machine-specific `_` keys) so the project can be re-rendered."""
     answers = {k: v for k, v in ANSWERS.items() if not k.startswith("_")}
@@ -43,6 +47,8 @@ def record_answers() -> None:
 def main() -> None:
     if ANSWERS["inference_backend"] != "ctranslate2":
         remove_ctranslate2_files()
+    if ANSWERS["worker_runtime"] != "ray":
+        remove_ray_files()
     record_answers()
     print(
         f"\nRendered {ANSWERS['project_slug']}. Next:\n"

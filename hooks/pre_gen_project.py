@@ -27,6 +27,7 @@ MAX_MODEL_ID = 80  # it is rendered into source lines of at most 100 characters
 CHOICES = {
     "python_version": PYTHON_VERSIONS,
     "inference_backend": {"transformers", "ctranslate2"},
+    "worker_runtime": {"plain", "ray"},
     "quantization": {
         "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
         "int8_float16", "bfloat16",

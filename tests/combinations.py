@@ -11,6 +11,7 @@ import itertools
 # Axis -> values; the first value is the default. Later options add their axes here.
 CODE_AXES: dict[str, list[str]] = {
     "inference_backend": ["transformers", "ctranslate2"],
+    "worker_runtime": ["plain", "ray"],
 }
 VALUE_AXES: dict[str, list[str]] = {
     "python_version": ["3.11", "3.12", "3.13"],
@@ -55,7 +56,7 @@ def combo_id(combo: dict[str, str]) -> str:
 
 
 # Every optional part rendered: its dependencies are the shared test environment's.
-FULLEST: dict[str, str] = DEFAULTS | {"inference_backend": "ctranslate2"}
+FULLEST: dict[str, str] = DEFAULTS | {"inference_backend": "ctranslate2", "worker_runtime": "ray"}
 
 # Names that stress the derivations: unicode, digits, quotes, a long description.
 AWKWARD_NAMES = {
@@ -70,5 +71,7 @@ LONG_NAME = {"project_name": "My Extremely Verbose Llm Service Name Ab"}
 # Bakes that also run the rendered integration tests (the real model).
 REPRESENTATIVE: list[dict[str, str]] = [
     dict(DEFAULTS),
-    DEFAULTS | {"inference_backend": "ctranslate2", "python_version": "3.13"} | AWKWARD_NAMES,
+    DEFAULTS
+    | {"inference_backend": "ctranslate2", "worker_runtime": "ray", "python_version": "3.13"}
+    | AWKWARD_NAMES,
 ]

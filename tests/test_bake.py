@@ -31,6 +31,7 @@ BASE_FILES = {
     ".gitignore",
     "Makefile",
     "README.md",
+    "data/bench_prompts.jsonl",
     "data/sample_prompts.jsonl",
     "pyproject.toml",
     "src/{pkg}/__init__.py",
@@ -39,6 +40,7 @@ BASE_FILES = {
     "src/{pkg}/backends/base.py",
     "src/{pkg}/backends/hf.py",
     "src/{pkg}/batch_job.py",
+    "src/{pkg}/bench.py",
     "src/{pkg}/batching.py",
     "src/{pkg}/cli.py",
     "src/{pkg}/messages.py",
@@ -54,6 +56,7 @@ BASE_FILES = {
     "tests/__init__.py",
     "tests/conftest.py",
     "tests/integration/__init__.py",
+    "tests/integration/test_bench.py",
     "tests/integration/test_generation.py",
     "tests/integration/test_jobs.py",
     "tests/integration/test_queue.py",
@@ -81,6 +84,8 @@ def expected_files(combo: dict[str, str], package: str) -> set[str]:
     paths = set(BASE_FILES)
     if combo["inference_backend"] == "ctranslate2":
         paths |= CTRANSLATE2_FILES
+    if combo["worker_runtime"] == "ray":
+        paths |= {"src/{pkg}/distributed.py", "tests/integration/test_ray.py"}
     return {path.format(pkg=package) for path in paths}
 
 
@@ -151,7 +156,7 @@ def test_the_package_imports_and_its_cli_answers_help(project):
     package = package_of(project)
     run([sys.executable, "-c", f"import {package}.cli, {package}.backends.hf"], project)
     result = run([sys.executable, "-m", package, "--help"], project)
-    for command in ("model", "generate", "batch", "worker", "submit"):
+    for command in ("model", "generate", "batch", "worker", "submit", "bench"):
         assert command in result.stdout
 
 

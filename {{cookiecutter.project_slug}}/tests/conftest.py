@@ -43,7 +43,10 @@ def broker(settings: Settings) -> str:
     import pika
     from pika.exceptions import AMQPError
 
-    from {{ cookiecutter.package_name }}.queue.topology import connection_parameters, redact
+    from {{ cookiecutter.package_name }}.queue.topology import (
+        connection_parameters,
+        redact,
+    )
 
     try:
         pika.BlockingConnection(connection_parameters(settings.rabbitmq_url, 30)).close()
@@ -56,3 +59,23 @@ def broker(settings: Settings) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return settings.rabbitmq_url
+
+
+@pytest.fixture
+def prefix(broker: str):
+    """A queue prefix of this test's own; its queues are deleted afterwards."""
+    import uuid
+
+    import pika
+
+    from {{ cookiecutter.package_name }}.queue.topology import Names
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    yield name
+    names = Names(name)
+    connection = pika.BlockingConnection(pika.URLParameters(broker))
+    channel = connection.channel()
+    channel.queue_delete(names.requests)
+    channel.queue_delete(names.dead_letters)
+    channel.exchange_delete(names.dead_letter_exchange)
+    connection.close()

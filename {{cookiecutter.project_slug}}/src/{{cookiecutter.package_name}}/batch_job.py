@@ -34,6 +34,17 @@ def run_batch_file(
     """
     raw = read_requests(source)
     started = time.perf_counter()
+    replies = serve_lines(service, settings, raw, on_progress)
+    return replies, finish(target, replies, time.perf_counter() - started)
+
+
+def serve_lines(
+    service: InferenceService,
+    settings: Settings,
+    raw: list[tuple[str, bytes]],
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> list[Reply]:
+    """Replies to (fallback id, raw request) pairs, in their order, batched as the settings say."""
     replies: list[Reply | None] = [None] * len(raw)
     batcher: DynamicBatcher[tuple[int, Admitted]] = DynamicBatcher(
         max_batch_size=settings.max_batch_size,
@@ -54,17 +65,19 @@ def run_batch_file(
             replies[position] = reply
         done += len(batch)
         on_progress(done, len(raw))
-    seconds = time.perf_counter() - started
-    finished = [r for r in replies if r is not None]
-    write_replies(target, finished)
-    served = [r for r in finished if r.error is None]
-    summary = summarize(
+    return [r for r in replies if r is not None]
+
+
+def finish(target: Path, replies: list[Reply], seconds: float) -> Summary:
+    """Write the replies and summarize the job's throughput and latency."""
+    write_replies(target, replies)
+    served = [r for r in replies if r.error is None]
+    return summarize(
         seconds,
         [r.latency_ms for r in served],
         sum(r.usage.completion_tokens for r in served),
-        errors=len(finished) - len(served),
+        errors=len(replies) - len(served),
     )
-    return finished, summary
 
 
 def write_replies(target: Path, replies: list[Reply]) -> None:

@@ -92,25 +92,51 @@ def batch(
     source: Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")],
     target: Annotated[Path, typer.Argument(help="JSONL of replies, written in input order")],
     show: Annotated[bool, typer.Option(help="Print each prompt's answer")] = False,
+{%- if cookiecutter.worker_runtime == "ray" %}
+    replicas: Annotated[
+        int | None, typer.Option(min=0, help="Spread the file over this many Ray replicas")
+    ] = None,
+{%- endif %}
 ) -> None:
     """Run a file of requests through the dynamic batcher; print a throughput summary."""
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from {{ cookiecutter.package_name }}.batch_job import read_requests, run_batch_file
-
+    from {{ cookiecutter.package_name }}.batch_job import (
+        finish,
+        read_requests,
+        serve_lines,
+    )
+{% if cookiecutter.worker_runtime == "ray" %}
+    settings = load_settings(replicas=replicas)
+{%- else %}
     settings = load_settings()
-    read_requests(source)  # fail on a missing file before loading the model
-    service = _service(settings)
+{%- endif %}
+    lines = read_requests(source)  # fail on a missing file before loading the model
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("generating", total=None)
-        replies, summary = run_batch_file(
-            service,
-            settings,
-            source,
-            target,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+{% if cookiecutter.worker_runtime == "ray" %}
+        if settings.replicas:
+            from {{ cookiecutter.package_name }}.distributed import run_batch
+
+            replies, seconds = run_batch(settings, settings.replicas, lines, on_progress)
+        else:
+            service = _service(settings)
+            started = time.perf_counter()
+            replies = serve_lines(service, settings, lines, on_progress)
+            seconds = time.perf_counter() - started
+{%- else %}
+        service = _service(settings)
+        started = time.perf_counter()
+        replies = serve_lines(service, settings, lines, on_progress)
+        seconds = time.perf_counter() - started
+{%- endif %}
+    summary = finish(target, replies, seconds)
     if show:
         for reply in replies:
             answer = reply.text if reply.error is None else f"[error] {reply.error.message}"
@@ -120,21 +146,42 @@ def batch(
 
 
 @app.command()
+{%- if cookiecutter.worker_runtime == "ray" %}
+def worker(
+    replicas: Annotated[
+        int | None, typer.Option(min=0, help="Ray replicas, each with its model and connection")
+    ] = None,
+) -> None:
+{%- else %}
 def worker() -> None:
+{%- endif %}
     """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished)."""
     import signal
+    import threading
 
     from {{ cookiecutter.package_name }}.queue.worker import Worker
 
-    settings = load_settings()
-    served = Worker(_service(settings), settings)
+    stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
         logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
-        served.stop()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+{%- if cookiecutter.worker_runtime == "ray" %}
+    settings = load_settings(replicas=replicas)
+    if settings.replicas:
+        from {{ cookiecutter.package_name }}.distributed import run_workers
+
+        for index, counters in enumerate(run_workers(settings, settings.replicas, stopping)):
+            typer.echo(f"replica {index}: {counters}")
+        return
+{%- else %}
+    settings = load_settings()
+{%- endif %}
+    served = Worker(_service(settings), settings)
+    threading.Thread(target=lambda: (stopping.wait(), served.stop()), daemon=True).start()
     served.run()
 
 
@@ -221,6 +268,54 @@ def _requests_to_send(
         replies[request_id] = None
         requests.append(raw)
     return requests, replies
+
+
+@app.command()
+def bench(
+    prompts: Annotated[Path, typer.Option(help="JSONL of prompts")] = Path(
+        "data/bench_prompts.jsonl"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    modes: Annotated[
+        str | None, typer.Option(help="Comma-separated modes; default: every mode available")
+    ] = None,
+    load: Annotated[
+        float, typer.Option(min=0.05, max=1.0, help="Open-loop rate, as a fraction of saturation")
+    ] = 0.7,
+    out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
+    run_mode: Annotated[str | None, typer.Option(hidden=True)] = None,
+    result: Annotated[Path | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Benchmark every engine and the worker on one prompt set; ratios to the naive baseline."""
+    import dataclasses
+    import json
+
+    from {{ cookiecutter.package_name }} import bench as b
+    from {{ cookiecutter.package_name }}.batch_job import read_requests
+
+    settings = load_settings()
+    if run_mode is not None and result is not None:  # a child process of the benchmark
+        outcome = b.run_in_process(run_mode, settings, prompts, max_new_tokens)
+        result.write_text(json.dumps(dataclasses.asdict(outcome)))
+        return
+    count = len(read_requests(prompts))
+    chosen = modes.split(",") if modes else b.default_modes(settings)
+    typer.echo(f"bench: {count} prompts, {max_new_tokens} new tokens, greedy; modes {chosen}")
+    results = []
+    for mode in chosen:
+        typer.echo(f"  running {mode} ...", err=True)
+        if mode in ("worker", "worker-ray"):
+            replicas = 2 if mode == "worker-ray" else 0
+            done = b.run_worker_modes(settings, prompts, max_new_tokens, replicas, load)
+        else:
+            done = [b.child_mode(mode, prompts, max_new_tokens)]
+        results += done
+        typer.echo(f"  {mode}: {done[0].inputs_per_s:.2f} inputs/s", err=True)
+    rows, plot = b.report(results, out)
+    typer.echo(b.markdown_table(rows))
+    bandwidth = b.memory_bandwidth_gb_s()
+    typer.echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s")
+    typer.echo(f"results: {out / 'results.csv'}, {plot}")
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 
 

@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
 DEFAULT_MODEL = "{{ cookiecutter.model_id }}"
+DEFAULT_QUEUE_PREFIX = "{{ cookiecutter.project_slug }}"
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    queue_prefix: str = Field(default="{{ cookiecutter.project_slug }}", pattern=r"^[\w.-]+$")
+    queue_prefix: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[\w.-]+$")
     queue_max_length: int | None = Field(default=None, ge=1, description="backpressure")
     prefetch_count: int = Field(default=0, ge=0, description="0 = twice max_batch_size")
     heartbeat_s: int = Field(default=30, ge=1)
@@ -79,6 +80,17 @@ class Settings(BaseSettings):
     client_window: int = Field(default=64, ge=1, description="requests in flight per client")
     reply_timeout_s: float = Field(default=300.0, gt=0)
     connect_timeout_s: float = Field(default=30.0, gt=0, description="client gives up after")
+{%- if cookiecutter.worker_runtime == "ray" %}
+
+    # Ray: RAY_ADDRESS (or this) joins a cluster ("auto", "host:6379", "ray://host:10001");
+    # unset starts a local instance with RAY_NUM_CPUS (None = all cores).
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    replicas: int = Field(default=0, ge=0, description="Ray replicas; 0 = no Ray, in-process")
+    ray_cpus_per_replica: float = Field(default=1.0, gt=0)
+    ray_gpus_per_replica: float = Field(default=0.0, ge=0)
+    ray_max_restarts: int = Field(default=3, ge=-1, description="-1 = restart forever")
+{%- endif %}
 
     @property
     def models_dir(self) -> Path:

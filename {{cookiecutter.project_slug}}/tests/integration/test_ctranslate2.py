@@ -11,7 +11,11 @@ import pytest
 from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE, CTranslate2Backend
 from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
 from {{ cookiecutter.package_name }}.quality import EvalSet
-from {{ cookiecutter.package_name }}.quantize import EVAL_DIR, find_published, published_dir
+from {{ cookiecutter.package_name }}.quantize import (
+    EVAL_DIR,
+    find_published,
+    published_dir,
+)
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 

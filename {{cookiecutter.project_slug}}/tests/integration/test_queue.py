@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -63,19 +62,6 @@ class WorkerProcess:
         code = self.process.wait(timeout=timeout)
         self.log.close()
         return code
-
-
-@pytest.fixture
-def prefix(broker):
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    yield name
-    names = Names(name)
-    connection = pika.BlockingConnection(pika.URLParameters(broker))
-    channel = connection.channel()
-    channel.queue_delete(names.requests)
-    channel.queue_delete(names.dead_letters)
-    channel.exchange_delete(names.dead_letter_exchange)
-    connection.close()
 
 
 @pytest.fixture

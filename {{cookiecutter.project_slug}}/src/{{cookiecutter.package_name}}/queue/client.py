@@ -68,14 +68,20 @@ class Client:
         self._consumer = ""
 
     def submit(
-        self, requests: Iterable[dict[str, Any]], on_reply: Callable[[Reply], None]
+        self,
+        requests: Iterable[dict[str, Any]],
+        on_reply: Callable[[Reply], None],
+        arrivals: list[float] | None = None,
     ) -> ClientStats:
         """Send every request (each a dict with a unique "id") and call `on_reply` once per id.
 
+        With `arrivals` (seconds from the start, one per request), each request is sent no
+        earlier than its arrival (an open-loop load) and its latency counts from that moment.
         A request with no reply within the timeout gets an error reply of type "timeout".
         Raises BrokerUnavailableError if the broker stays unreachable.
         """
         pending = list(requests)[::-1]  # popped from the end: input order
+        due = list(arrivals or [])[::-1]
         inflight: dict[str, tuple[dict[str, Any], float]] = {}
         answered: set[str] = set()
 
@@ -90,16 +96,23 @@ class Client:
             on_reply(reply)
 
         self._connect(received)
+        started = time.monotonic()
         try:
             while pending or inflight:
                 try:
                     while pending and len(inflight) < self.window:
+                        arrival = started + due[-1] if due else time.monotonic()
+                        if arrival > time.monotonic():
+                            break
                         request = pending[-1]
                         self._publish(request)
                         pending.pop()
-                        inflight[request["id"]] = (request, time.monotonic())
+                        if due:
+                            due.pop()
+                        inflight[request["id"]] = (request, arrival)
                         self.stats.sent += 1
-                    self._connection.process_data_events(time_limit=0.1)
+                    until_next = started + due[-1] - time.monotonic() if due else 0.1
+                    self._connection.process_data_events(time_limit=min(0.1, max(0.0, until_next)))
                 except CONNECTION_ERRORS as exc:
                     log.warning(
                         "connection lost (%s); reconnecting", str(exc) or type(exc).__name__

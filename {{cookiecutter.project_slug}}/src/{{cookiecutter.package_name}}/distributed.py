@@ -1,0 +1,154 @@
+"""Ray: the same consume -> batch -> generate -> reply loop as Ray actors, one machine or many.
+
+Each replica is an actor with its own model and its own RabbitMQ connection, restarted by Ray if
+its process dies (its unacked requests are redelivered by the broker meanwhile). The batch job
+spreads shards of its input over the replicas and puts the replies back in input order.
+"""
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util import ActorPool
+
+from {{ cookiecutter.package_name }}.messages import Reply
+from {{ cookiecutter.package_name }}.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(settings: Settings) -> None:
+    """Join the cluster at RAY_ADDRESS ("auto", "host:port", "ray://host:10001") when one is
+    given, else start a small local instance: no dashboard, its session files and its auth
+    token under the project's cache, nothing written to the user's home."""
+    if ray.is_initialized():
+        return
+    # Every replica's lines in the driver's log, not "[repeated 2x across cluster]".
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **options)
+        return
+    ray_dir = settings.cache_dir / "ray"
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    token = ray_dir / "auth_token"
+    if not token.is_file():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))  # else Ray writes ~/.ray/auth_token
+    log.info("starting a local Ray instance (session files in %s)", ray_dir)
+    ray.init(num_cpus=settings.ray_num_cpus, _temp_dir=str(ray_dir / "session"), **options)
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """A replica's settings: its engine threads match the CPUs Ray gives it."""
+    cpus = max(1, int(settings.ray_cpus_per_replica))
+    update: dict[str, Any] = {}
+    if settings.num_threads == 0:
+        update["num_threads"] = cpus
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.intra_threads == 0:
+        update["intra_threads"] = max(1, cpus // settings.inter_threads)
+{%- endif %}
+    return settings.model_copy(update=update)
+
+
+@ray.remote(max_concurrency=2)  # run() serves while stop() can still be called
+class Replica:
+    def __init__(self, settings: Settings, index: int) -> None:
+        from {{ cookiecutter.package_name }}.backends import load_backend
+        from {{ cookiecutter.package_name }}.service import InferenceService
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("pika").setLevel(logging.WARNING)
+        self.settings = settings
+        self.index = index
+        self.service = InferenceService.from_settings(settings, load_backend(settings))
+        self.worker: Any = None
+        log.info("replica %d ready (pid %d)", index, os.getpid())
+
+    def run(self) -> dict[str, int]:
+        """Serve RabbitMQ until stop(); return the worker's counters."""
+        from {{ cookiecutter.package_name }}.queue.worker import Worker
+
+        self.worker = Worker(self.service, self.settings)
+        self.worker.run()
+        return vars(self.worker.counters)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def serve(self, shard: int, lines: list[tuple[str, bytes]]) -> tuple[int, list[dict]]:
+        """Replies to one shard of the batch job, in order (as dicts: they cross processes)."""
+        from {{ cookiecutter.package_name }}.batch_job import serve_lines
+
+        replies = serve_lines(self.service, self.settings, lines)
+        return shard, [r.model_dump() for r in replies]
+
+
+def start_replicas(settings: Settings, count: int) -> list[Any]:
+    init_ray(settings)
+    options = {
+        "num_cpus": settings.ray_cpus_per_replica,
+        "num_gpus": settings.ray_gpus_per_replica,
+        "max_restarts": settings.ray_max_restarts,
+        "max_task_retries": -1,  # a restarted replica takes up run() again
+    }
+    per_replica = replica_settings(settings)
+    return [Replica.options(**options).remote(per_replica, i) for i in range(count)]
+
+
+def run_workers(settings: Settings, count: int, stop: threading.Event) -> list[dict[str, int]]:
+    """Serve RabbitMQ with `count` replicas until `stop` is set (or SIGTERM/SIGINT arrive),
+    then stop them gracefully."""
+    replicas = start_replicas(settings, count)
+    # ray.init installs its own SIGTERM handler (which kills the driver): put ours back.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
+    running = [r.run.remote() for r in replicas]
+    try:
+        while not stop.is_set():
+            done, _ = ray.wait(running, num_returns=len(running), timeout=0.5)
+            if len(done) == len(running):
+                break
+        ray.get([r.stop.remote() for r in replicas])
+        return ray.get(running)
+    finally:
+        ray.shutdown()
+
+
+def run_batch(
+    settings: Settings,
+    count: int,
+    lines: list[tuple[str, bytes]],
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> tuple[list[Reply], float]:
+    """Replies to every line, in input order, computed by `count` replicas in shards, and the
+    seconds they took once every replica had loaded its model."""
+    replicas = start_replicas(settings, count)
+    try:
+        ray.get([r.__ray_ready__.remote() for r in replicas])  # models loaded before timing
+        started = time.perf_counter()
+        size = max(1, settings.max_batch_size)
+        shards = [lines[i : i + size] for i in range(0, len(lines), size)]
+        results: list[list[dict]] = [[] for _ in shards]
+        done = 0
+        pool = ActorPool(replicas)
+        work = pool.map_unordered(lambda r, item: r.serve.remote(*item), list(enumerate(shards)))
+        for shard, replies in work:
+            results[shard] = replies
+            done += len(replies)
+            on_progress(done, len(lines))
+        replies = [Reply.model_validate(r) for shard in results for r in shard]
+        return replies, time.perf_counter() - started
+    finally:
+        ray.shutdown()

@@ -1,0 +1,50 @@
+"""The benchmark command, run small: it must produce its table, CSV, PNG and ratios."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
+
+pytestmark = pytest.mark.integration
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(tmp_path: Path, modes: str, env: dict | None = None) -> tuple[str, list[dict]]:
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (PROJECT_ROOT / "data" / "bench_prompts.jsonl").read_text().splitlines()
+    prompts.write_text("\n".join(lines[:4]) + "\n")
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench", "--modes", modes]
+    result = subprocess.run(
+        [*command, "--prompts", str(prompts), "--max-new-tokens", "8", "--out", str(out)],
+        cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "results.csv").open() as f:
+        return result.stdout, list(csv.DictReader(f))
+
+
+def test_bench_reports_each_mode_against_the_naive_baseline(tmp_path, model_dir):
+    stdout, rows = bench(tmp_path, "naive,batched")
+    assert [r["mode"] for r in rows] == ["naive", "batched"]
+    assert float(rows[0]["x_naive"]) == 1.0
+    for row in rows:
+        assert int(row["inputs"]) == 4 and int(row["errors"]) == 0
+        assert float(row["inputs_per_s"]) > 0 and float(row["peak_rss_mib"]) > 100
+    assert "| naive |" in stdout and "| batched |" in stdout and "GB/s" in stdout
+
+
+@pytest.mark.rabbitmq
+def test_bench_measures_the_worker_closed_idle_and_open_loop(tmp_path, broker, model_dir):
+    _, rows = bench(tmp_path, "worker", env={f"{ENV_PREFIX}RABBITMQ_URL": broker})
+    assert [r["mode"] for r in rows] == ["worker", "worker-idle", "worker-open"]
+    assert [int(r["inputs"]) for r in rows] == [4, 4, 4]  # idle sends the first 8: there are 4
+    assert all(int(r["errors"]) == 0 for r in rows)
+    assert "Poisson" in rows[2]["note"]
