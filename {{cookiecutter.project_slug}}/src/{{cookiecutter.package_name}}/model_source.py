@@ -51,6 +51,17 @@ def resolve_model(spec: str, models_dir: Path) -> Path:
     return _hub(spec)
 
 
+def check_model(spec: str, models_dir: Path) -> None:
+    """Raise ModelSourceError now if `spec` cannot name a model, without converting anything:
+    an unknown bundled name, a missing directory, a Hub id neither cached nor reachable."""
+    spec = spec.strip()
+    if spec.startswith("bundled:"):
+        if spec.removeprefix("bundled:") not in BUNDLED:
+            _bundled(spec.removeprefix("bundled:"), models_dir)  # raises the one message
+        return
+    resolve_model(spec, models_dir)
+
+
 def _local(path: Path) -> Path:
     if not path.is_dir():
         raise ModelSourceError(f"model directory {path} does not exist")

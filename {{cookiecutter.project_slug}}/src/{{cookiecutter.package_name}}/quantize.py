@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError
+from {{ cookiecutter.package_name }}.model_source import ModelSourceError, check_model
 from {{ cookiecutter.package_name }}.quality import (
     EvalSet,
     GateReport,
@@ -93,12 +93,24 @@ def ensure_converted(settings: Settings) -> tuple[Path, str]:
     """
     found = find_published(settings)
     if found is None:
+        check_model(settings.model, settings.models_dir)
         log.info("no converted model for %s: running convert", settings.model)
         package = __name__.rpartition(".")[0]
-        result = subprocess.run([sys.executable, "-m", package, "convert"], env=os.environ.copy())
+        child = subprocess.Popen(
+            [sys.executable, "-m", package, "convert"],
+            env=os.environ.copy(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        error = "the model could not be converted to CTranslate2"
+        for line in child.stderr or []:  # progress passes through; the error line is ours
+            if line.startswith("error: "):
+                error = line.removeprefix("error: ").strip()
+            else:
+                sys.stderr.write(line)
         found = find_published(settings)
-        if result.returncode != 0 or found is None:
-            raise ModelSourceError("the model could not be converted to CTranslate2 (see above)")
+        if child.wait() != 0 or found is None:
+            raise ModelSourceError(error)
     return found
 
 
