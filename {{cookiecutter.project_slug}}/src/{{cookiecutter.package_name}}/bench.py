@@ -112,30 +112,15 @@ def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens:
 
 
 def _backend(mode: str, settings: Settings) -> Any:
-    from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
-    from {{ cookiecutter.package_name }}.model_source import resolve_model
+    """The engine of a mode, loaded by the same factory as the service's."""
+    from {{ cookiecutter.package_name }}.backends import load_backend
 
     if mode in ("naive", "batched"):
-        return TransformersBackend(
-            resolve_model(settings.model, settings.models_dir),
-            device=settings.device,
-            num_threads=settings.num_threads,
-        )
-{%- if cookiecutter.inference_backend == "ctranslate2" %}
+        return load_backend(settings.model_copy(update={"backend": "transformers"}))
     if mode.startswith("ct2-"):
-        from {{ cookiecutter.package_name }}.backends.ct2 import CTranslate2Backend
-        from {{ cookiecutter.package_name }}.quantize import ct2_types, published_dir
-
         scheme = mode.removeprefix("ct2-")
-        return CTranslate2Backend(
-            published_dir(settings, scheme),
-            device=settings.device,
-            compute_type=ct2_types(scheme)[1],
-            inter_threads=settings.inter_threads,
-            intra_threads=settings.intra_threads,
-            max_batch_tokens=settings.max_batch_tokens,
-        )
-{%- endif %}
+        ct2 = {"backend": "ctranslate2", "quantization": scheme}
+        return load_backend(settings.model_copy(update=ct2))
     raise ValueError(f"unknown bench mode {mode!r}")
 
 

@@ -1,5 +1,6 @@
 """The contract every inference engine keeps; the rest of the service sees only this."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +24,19 @@ class Backend(Protocol):
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """Return one completion per request, in order. Raises only when the whole batch fails."""
         ...
+
+
+def generate_grouped(
+    batch: list[PreparedRequest],
+    generate_group: Callable[[list[PreparedRequest]], list[Completion]],
+) -> list[Completion]:
+    """Run `generate_group` once per sampling group; return the completions in batch order."""
+    results: dict[int, Completion] = {}
+    for indices in sampling_groups(batch):
+        group = [batch[i] for i in indices]
+        for i, completion in zip(indices, generate_group(group), strict=True):
+            results[i] = completion
+    return [results[i] for i in range(len(batch))]
 
 
 def sampling_groups(batch: list[PreparedRequest]) -> list[list[int]]:

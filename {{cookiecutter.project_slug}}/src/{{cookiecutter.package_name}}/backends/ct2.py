@@ -13,7 +13,7 @@ import ctranslate2
 from {{ cookiecutter.package_name }}.backends.base import (
     Completion,
     cut_at_stop,
-    sampling_groups,
+    generate_grouped,
 )
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
@@ -83,12 +83,7 @@ class CTranslate2Backend:
 
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """One completion per request, in order; requests sharing sampling settings share a call."""
-        results: dict[int, Completion] = {}
-        for indices in sampling_groups(batch):
-            group = [batch[i] for i in indices]
-            for i, completion in zip(indices, self._generate_group(group), strict=True):
-                results[i] = completion
-        return [results[i] for i in range(len(batch))]
+        return generate_grouped(batch, self._generate_group)
 
     def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
         params = group[0].params

@@ -16,7 +16,7 @@ from transformers import (
 from {{ cookiecutter.package_name }}.backends.base import (
     Completion,
     cut_at_stop,
-    sampling_groups,
+    generate_grouped,
 )
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
@@ -69,12 +69,7 @@ class TransformersBackend:
 
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """One completion per request, in order; requests sharing sampling settings share a pass."""
-        results: dict[int, Completion] = {}
-        for indices in sampling_groups(batch):
-            group = [batch[i] for i in indices]
-            for i, completion in zip(indices, self._generate_group(group), strict=True):
-                results[i] = completion
-        return [results[i] for i in range(len(batch))]
+        return generate_grouped(batch, self._generate_group)
 
     @torch.inference_mode()
     def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
