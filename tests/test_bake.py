@@ -1,5 +1,6 @@
 """Every combination of options bakes into a clean, linted project whose unit tests pass."""
 
+import itertools
 import re
 import subprocess
 import sys
@@ -130,10 +131,15 @@ def test_ruff_check_and_format_pass(project):
     run([*RUFF, "format", "--check", "--no-cache", "."], project)
 
 
+CODE_COMBINATIONS = [
+    dict(zip(CODE_AXES, values, strict=True)) for values in itertools.product(*CODE_AXES.values())
+]
+
+
 @pytest.mark.parametrize("names", [AWKWARD_NAMES, LONG_NAME], ids=["awkward", "longest"])
-@pytest.mark.parametrize("backend", CODE_AXES["inference_backend"])
-def test_unusual_names_still_pass_ruff(names, backend, bake, default_answers):
-    project = bake(default_answers | names | {"inference_backend": backend})
+@pytest.mark.parametrize("code", CODE_COMBINATIONS, ids=combo_id)
+def test_unusual_names_still_pass_ruff(names, code, bake, default_answers):
+    project = bake(default_answers | names | code)
     run([*RUFF, "check", "--no-cache", "."], project)
     run([*RUFF, "format", "--check", "--no-cache", "."], project)
 

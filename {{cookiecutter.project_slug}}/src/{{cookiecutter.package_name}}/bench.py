@@ -280,7 +280,11 @@ def default_modes(settings: Settings) -> list[str]:
     """naive, batched, every CTranslate2 scheme published as passing the gate, the worker(s)."""
     modes = ["naive", "batched"]
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-    from {{ cookiecutter.package_name }}.quantize import CPU_SCHEMES, CUDA_SCHEMES, published_dir
+    from {{ cookiecutter.package_name }}.quantize import (
+        CPU_SCHEMES,
+        CUDA_SCHEMES,
+        published_dir,
+    )
 
     for scheme in dict.fromkeys(CPU_SCHEMES + CUDA_SCHEMES):
         meta = published_dir(settings, scheme) / "model_meta.json"

@@ -19,9 +19,10 @@ def bench(tmp_path: Path, modes: str, env: dict | None = None) -> tuple[str, lis
     lines = (PROJECT_ROOT / "data" / "bench_prompts.jsonl").read_text().splitlines()
     prompts.write_text("\n".join(lines[:4]) + "\n")
     out = tmp_path / "bench"
-    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench", "--modes", modes]
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench"]
+    options = ["--modes", modes, "--prompts", str(prompts), "--max-new-tokens", "8"]
     result = subprocess.run(
-        [*command, "--prompts", str(prompts), "--max-new-tokens", "8", "--out", str(out)],
+        [*command, *options, "--out", str(out)],
         cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip

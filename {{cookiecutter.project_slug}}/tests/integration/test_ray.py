@@ -31,8 +31,9 @@ def start_replicas(prefix: str, home: Path, log: Path, count: int) -> subprocess
     env = {**os.environ, "HOME": str(home), f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
     env |= {f"{ENV_PREFIX}MAX_BATCH_SIZE": "8", f"{ENV_PREFIX}RAY_NUM_CPUS": str(count)}
     env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "worker"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "{{ cookiecutter.package_name }}", "worker", "--replicas", str(count)],
+        [*command, "--replicas", str(count)],
         cwd=PROJECT_ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for(log, process, r"consuming", count)
