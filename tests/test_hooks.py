@@ -71,6 +71,7 @@ def test_the_command_line_prints_one_error_line_and_renders_nothing(slug, tmp_pa
 def test_answers_cannot_inject_code_into_the_hooks(bake, default_answers, tmp_path):
     marker = tmp_path / "pwned"
     payload = f"x''' + __import__('os').system('touch {marker}') + '''"
-    project = bake(default_answers | {"project_name": payload})
+    answers = {"project_name": payload, "project_slug": "injected", "description": payload}
+    project = bake(default_answers | answers)
     assert not marker.exists()
     assert project.is_dir()

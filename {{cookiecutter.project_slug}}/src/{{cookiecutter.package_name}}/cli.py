@@ -329,6 +329,9 @@ def convert(
     every: Annotated[
         bool, typer.Option("--all", help="Gate every compute type of this device; print the table")
     ] = False,
+    diagnose: Annotated[
+        bool, typer.Option(help="Trace int8 damage to weights or activations and to layers")
+    ] = False,
 ) -> None:
     """Convert the model to CTranslate2, gate its quality against the float model, publish it."""
     from {{ cookiecutter.package_name }}.quality import table
@@ -341,6 +344,19 @@ def convert(
 
     settings = load_settings(model=model, quantization=quantization)
     hf_dir = resolve_model(settings.model, settings.models_dir)
+    if diagnose:
+        from {{ cookiecutter.package_name }}.quality import (
+            EvalSet,
+            Reference,
+            diagnose_int8,
+        )
+        from {{ cookiecutter.package_name }}.quantize import EVAL_DIR
+
+        rows = diagnose_int8(Reference(hf_dir, EvalSet.load(EVAL_DIR)))
+        typer.echo("| int8 simulated on | top-1 agreement |\n| --- | --- |")
+        for label, agreement in rows:
+            typer.echo(f"| {label} | {agreement:.1%} |")
+        return
     schemes = schemes_for(settings.quantization, every, gate_device())
     auto = settings.quantization == "auto" and not every
     reports = convert(settings, hf_dir, schemes, force=force, stop_at_first_pass=auto)

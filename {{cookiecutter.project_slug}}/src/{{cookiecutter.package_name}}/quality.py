@@ -217,3 +217,71 @@ def table(reports: list[GateReport]) -> str:
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+# -- where int8 hurts: a torch simulation, layer group by layer group ------------------------------
+
+LAYER_GROUPS = {
+    "q_proj,k_proj,v_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_proj,up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def diagnose_int8(reference: Reference) -> list[tuple[str, float]]:
+    """Top-1 agreement with the float model when int8 is simulated on one part at a time.
+
+    CTranslate2's int8 quantizes weights per output row and activations per token, both
+    symmetric to 127 levels; this reproduces it in torch on chosen layers, so the damage can
+    be traced to a step (weights or activations) and to a layer group.
+    """
+    torch = reference.torch
+    linears = {
+        name: module
+        for name, module in reference.model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+    }
+
+    def agreement(selected: list[str], weights: bool, activations: bool) -> float:
+        saved = {n: linears[n].weight.data.clone() for n in selected} if weights else {}
+        hooks = []
+        try:
+            for name in selected:
+                if weights:
+                    w = linears[name].weight.data
+                    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+                    linears[name].weight.data = (w / scale).round() * scale
+                if activations:
+                    hooks.append(linears[name].register_forward_pre_hook(_fake_int8_input))
+            reference._cache.clear()
+            agree = total = 0
+            for prompt, answer in zip(reference.prompt_ids, reference.answers, strict=True):
+                full = prompt + answer
+                got = reference._log_probs(full)[len(prompt) - 1 : len(full) - 1].argmax(-1)
+                agree += int((got == np.array(answer)).sum())
+                total += len(answer)
+            return agree / max(1, total)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for name, weight in saved.items():
+                linears[name].weight.data = weight
+            reference._cache.clear()
+
+    everything = list(linears)
+    rows = [
+        ("all layers: int8 weights and activations", agreement(everything, True, True)),
+        ("all layers: int8 weights only", agreement(everything, True, False)),
+        ("all layers: int8 activations only", agreement(everything, False, True)),
+    ]
+    for label, suffixes in LAYER_GROUPS.items():
+        chosen = [n for n in everything if n.split(".")[-1] in suffixes]
+        rows.append((f"{label} only: weights and activations", agreement(chosen, True, True)))
+    return rows
+
+
+def _fake_int8_input(module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    (x,) = inputs
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+    return ((x / scale).round() * scale,)

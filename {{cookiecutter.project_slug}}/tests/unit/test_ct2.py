@@ -1,10 +1,11 @@
 """CTranslate2-side pieces that need no model: the torch-free chat tokenizer and thread limits."""
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.backends.ct2 import thread_split
+from {{ cookiecutter.package_name }}.backends.ct2 import _sample, thread_split
 from {{ cookiecutter.package_name }}.tokenizer import ChatTokenizer
 
 from .test_prompts import CHATML
@@ -70,3 +71,12 @@ def test_inter_times_intra_threads_never_exceeds_the_cores(inter, intra, cores, 
             thread_split(inter, intra, cores)
     else:
         assert thread_split(inter, intra, cores) == expected
+
+
+def test_seeded_sampling_is_reproducible_and_keeps_to_the_nucleus():
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05]))
+    draws = [_sample(logits, 1.0, 0.8, np.random.default_rng(3)) for _ in range(5)]
+    assert len(set(draws)) == 1  # the same seed, the same token
+    many = {_sample(logits, 1.0, 0.8, np.random.default_rng(seed)) for seed in range(200)}
+    assert many == {0, 1}  # 0.6 + 0.3 covers top_p=0.8: the tail is never drawn
+    assert {_sample(logits, 1.0, 0.5, np.random.default_rng(s)) for s in range(50)} == {0}

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import ctranslate2
+import numpy as np
 
 from {{ cookiecutter.package_name }}.backends.base import (
     Completion,
@@ -87,8 +88,8 @@ class CTranslate2Backend:
 
     def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
         params = group[0].params
-        if not params.greedy and params.seed is not None:
-            ctranslate2.set_random_seed(params.seed)
+        if not params.greedy and params.seed is not None:  # sampling_groups: it is alone
+            return [self._sample_seeded(group[0])]
         results = self.generator.generate_batch(
             [self.tokenizer.convert_ids_to_tokens(r.token_ids) for r in group],
             max_length=max(r.params.max_new_tokens for r in group),
@@ -103,19 +104,51 @@ class CTranslate2Backend:
             for request, result in zip(group, results, strict=True)
         ]
 
+    def _sample_seeded(self, request: PreparedRequest) -> Completion:
+        """Sample step by step from the model's logits with a generator seeded by the request.
+
+        CTranslate2 seeds one random generator per thread, once, so `set_random_seed` cannot
+        make one request reproducible; this path can, at the cost of one forward per token.
+        """
+        params = request.params
+        rng = np.random.default_rng(params.seed)
+        ids, new = list(request.token_ids), []
+        for _ in range(params.max_new_tokens):
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids)]
+            logits = np.asarray(self.generator.forward_batch(tokens))[0, -1].astype(np.float64)
+            token = _sample(logits, params.temperature, params.top_p, rng)
+            new.append(token)
+            if token == self.tokenizer.eos_token_id:
+                break
+            ids.append(token)
+            if params.stop and cut_at_stop(self.tokenizer.decode(new), params.stop)[1]:
+                break
+        return self._completion(request, new)
+
     def _completion(self, request: PreparedRequest, new_ids: list[int]) -> Completion:
         limit = request.params.max_new_tokens
         ids = [i for i in new_ids[:limit] if i != self.tokenizer.eos_token_id]
         text, stopped = cut_at_stop(self.tokenizer.decode(ids), request.params.stop)
         if stopped:
             ids = self.tokenizer(text)["input_ids"]
-        ended = len(new_ids) < limit or stopped
+        eos = self.tokenizer.eos_token_id
+        ended = len(new_ids) < limit or eos in new_ids[:limit] or stopped
         return Completion(
             text=text,
             finish_reason="stop" if ended else "length",
             prompt_tokens=len(request.token_ids),
             completion_tokens=len(ids),
         )
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """One token from softmax(logits / temperature), restricted to the top_p nucleus."""
+    scaled = logits / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
 
 
 def _sampling(params: GenerationParams) -> dict[str, float | int]:
