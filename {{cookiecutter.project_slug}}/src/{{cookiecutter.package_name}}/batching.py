@@ -1,10 +1,12 @@
 """Dynamic batching: pure logic, no model, no broker, no threads.
 
-A batch is due when `max_batch_size` items wait, when their padded token cost reaches
-`max_batch_tokens`, or when the oldest has waited `max_wait_s` (whichever comes first, the
-contract of Ray Serve's `@serve.batch`). The oldest item always goes into the next batch, so
-nothing starves; with `sort_by_length` its companions are the waiting items closest to it in
-length, which cuts padding when more than one batch is waiting.
+A batch is due when enough items wait, when their padded token cost reaches `max_batch_tokens`,
+or when the oldest has waited `max_wait_s` (whichever comes first, the contract of Ray Serve's
+`@serve.batch`). Enough is `max_batch_size`, or twice that with `sort_by_length`: under a burst
+the batcher then chooses among two batches' worth, as an offline job sorting its whole input
+would, instead of taking the first arrivals whatever their length; `max_wait_s` bounds the wait.
+The oldest item always goes into the next batch, so nothing starves; with `sort_by_length` its
+companions are the waiting items closest to it in length, which cuts padding.
 """
 
 import time
@@ -75,7 +77,8 @@ class DynamicBatcher(Generic[T]):
         return batches
 
     def _full(self) -> bool:
-        if len(self._pending) >= self.max_batch_size:
+        lookahead = 2 if self.sort_by_length else 1
+        if len(self._pending) >= lookahead * self.max_batch_size:
             return True
         return padded_cost(self._pending) >= self.max_batch_tokens
 

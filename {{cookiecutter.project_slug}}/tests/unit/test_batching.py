@@ -42,7 +42,7 @@ def test_the_oldest_waiting_past_max_wait_releases_a_partial_batch():
 
 def test_a_full_batch_is_due_at_once_and_takes_at_most_max_batch_size():
     clock = FakeClock()
-    batcher = make(clock)
+    batcher = make(clock, sort_by_length=False)
     for name in "abcdef":
         batcher.add(name, 10)
     assert batcher.seconds_until_due() == 0.0
@@ -50,6 +50,19 @@ def test_a_full_batch_is_due_at_once_and_takes_at_most_max_batch_size():
     assert batcher.pop_batch() == []  # two left, not full, not old
     clock.advance(0.06)
     assert batcher.pop_batch() == ["e", "f"]
+
+
+def test_sorting_waits_for_two_batches_worth_to_choose_companions_by_length():
+    clock = FakeClock()
+    batcher = make(clock, max_batch_size=2)
+    for name, tokens in [("a10", 10), ("b90", 90), ("c91", 91)]:
+        batcher.add(name, tokens)
+    assert batcher.pop_batch() == []  # 3 waiting: less than two batches' worth, not old yet
+    batcher.add("d11", 11)
+    assert batcher.pop_batch() == ["a10", "d11"]  # not the first arrivals a10 + b90
+    assert batcher.pop_batch() == []
+    clock.advance(0.06)
+    assert batcher.pop_batch() == ["b90", "c91"]
 
 
 def test_the_token_budget_counts_padding_and_closes_the_batch():
@@ -79,6 +92,7 @@ def test_sorting_by_length_groups_similar_lengths_and_keeps_the_oldest_first():
         batcher.add(name, tokens)
     batcher.add("f99", 99)
     assert batcher.pop_batch() == ["a10", "c12", "e11"]
+    clock.advance(0.06)  # three left: not two batches' worth any more, so the wait decides
     assert batcher.pop_batch() == ["b100", "d98", "f99"]
 
 
