@@ -68,14 +68,10 @@ def prefix(broker: str):
 
     import pika
 
-    from {{ cookiecutter.package_name }}.queue.topology import Names
+    from {{ cookiecutter.package_name }}.queue.topology import Names, delete
 
     name = f"test-{uuid.uuid4().hex[:8]}"
     yield name
-    names = Names(name)
     connection = pika.BlockingConnection(pika.URLParameters(broker))
-    channel = connection.channel()
-    channel.queue_delete(names.requests)
-    channel.queue_delete(names.dead_letters)
-    channel.exchange_delete(names.dead_letter_exchange)
+    delete(connection.channel(), Names(name))
     connection.close()

@@ -243,14 +243,10 @@ def _submit(
 def _delete_queues(settings: Settings, prefix: str) -> None:
     import pika
 
-    from {{ cookiecutter.package_name }}.queue.topology import Names
+    from {{ cookiecutter.package_name }}.queue.topology import Names, delete
 
-    names = Names(prefix)
     connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    channel = connection.channel()
-    channel.queue_delete(names.requests)
-    channel.queue_delete(names.dead_letters)
-    channel.exchange_delete(names.dead_letter_exchange)
+    delete(connection.channel(), Names(prefix))
     connection.close()
 
 

@@ -47,6 +47,13 @@ def declare(channel: Any, names: Names, max_length: int | None = None) -> None:
     channel.queue_declare(names.requests, durable=True, arguments=arguments)
 
 
+def delete(channel: Any, names: Names) -> None:
+    """Remove the request and dead-letter queues and the dead-letter exchange of `names`."""
+    channel.queue_delete(names.requests)
+    channel.queue_delete(names.dead_letters)
+    channel.exchange_delete(names.dead_letter_exchange)
+
+
 def declare_reply_queue(channel: Any, name: str) -> None:
     """Durable, so replies survive a broker restart; it expires once its client is gone."""
     channel.queue_declare(name, durable=True, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
