@@ -24,6 +24,7 @@ def remove(*relative: str) -> None:
 def remove_ctranslate2_files() -> None:
     remove(
         f"src/{PACKAGE}/backends/ct2.py",
+        f"src/{PACKAGE}/ct2_pyfunc.py",
         f"src/{PACKAGE}/quantize.py",
         f"src/{PACKAGE}/quality.py",
         f"src/{PACKAGE}/tokenizer.py",
@@ -35,6 +36,14 @@ def remove_ctranslate2_files() -> None:
 
 def remove_ray_files() -> None:
     remove(f"src/{PACKAGE}/distributed.py", "tests/integration/test_ray.py")
+
+
+def remove_mysql_files() -> None:
+    remove("tests/integration/test_tracking_mysql.py")
+
+
+def remove_s3_files() -> None:
+    remove("tests/integration/test_artifacts_s3.py")
 
 
 def record_answers() -> None:
@@ -49,6 +58,10 @@ def main() -> None:
         remove_ctranslate2_files()
     if ANSWERS["worker_runtime"] != "ray":
         remove_ray_files()
+    if ANSWERS["tracking_backend"] != "mysql":
+        remove_mysql_files()
+    if ANSWERS["artifact_store"] != "s3":
+        remove_s3_files()
     record_answers()
     print(
         f"\nRendered {ANSWERS['project_slug']}. Next:\n"

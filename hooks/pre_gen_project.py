@@ -28,6 +28,8 @@ CHOICES = {
     "python_version": PYTHON_VERSIONS,
     "inference_backend": {"transformers", "ctranslate2"},
     "worker_runtime": {"plain", "ray"},
+    "tracking_backend": {"sqlite", "mysql"},
+    "artifact_store": {"local", "s3"},
     "quantization": {
         "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
         "int8_float16", "bfloat16",

@@ -12,6 +12,8 @@ import itertools
 CODE_AXES: dict[str, list[str]] = {
     "inference_backend": ["transformers", "ctranslate2"],
     "worker_runtime": ["plain", "ray"],
+    "tracking_backend": ["sqlite", "mysql"],
+    "artifact_store": ["local", "s3"],
 }
 VALUE_AXES: dict[str, list[str]] = {
     "python_version": ["3.11", "3.12", "3.13"],
@@ -56,7 +58,12 @@ def combo_id(combo: dict[str, str]) -> str:
 
 
 # Every optional part rendered: its dependencies are the shared test environment's.
-FULLEST: dict[str, str] = DEFAULTS | {"inference_backend": "ctranslate2", "worker_runtime": "ray"}
+FULLEST: dict[str, str] = DEFAULTS | {
+    "inference_backend": "ctranslate2",
+    "worker_runtime": "ray",
+    "tracking_backend": "mysql",
+    "artifact_store": "s3",
+}
 
 # Names that stress the derivations: unicode, digits, quotes, a long description.
 AWKWARD_NAMES = {
@@ -70,9 +77,6 @@ LONG_NAME = {"project_name": "My Extremely Verbose Llm Service Name Ab"}
 
 # Bakes that also run the rendered integration tests (the real model, the real broker, Ray).
 # The default bake runs all of its tests in tests/test_install.py, installed from its own
-# pyproject.toml, so it is not repeated here: this one covers the other engine and runtime.
-REPRESENTATIVE: list[dict[str, str]] = [
-    DEFAULTS
-    | {"inference_backend": "ctranslate2", "worker_runtime": "ray", "python_version": "3.13"}
-    | AWKWARD_NAMES,
-]
+# pyproject.toml (sqlite, local artifacts), so it is not repeated here: this one covers the
+# other value of every code axis: CTranslate2, Ray, an MLflow server on MySQL with S3 artifacts.
+REPRESENTATIVE: list[dict[str, str]] = [FULLEST | {"python_version": "3.13"} | AWKWARD_NAMES]

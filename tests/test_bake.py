@@ -37,6 +37,7 @@ BASE_FILES = {
     "pyproject.toml",
     "src/{pkg}/__init__.py",
     "src/{pkg}/__main__.py",
+    "src/{pkg}/artifacts.py",
     "src/{pkg}/backends/__init__.py",
     "src/{pkg}/backends/base.py",
     "src/{pkg}/backends/hf.py",
@@ -45,15 +46,18 @@ BASE_FILES = {
     "src/{pkg}/batching.py",
     "src/{pkg}/cli.py",
     "src/{pkg}/messages.py",
+    "src/{pkg}/mlflow_server.py",
     "src/{pkg}/model_source.py",
     "src/{pkg}/prompts.py",
     "src/{pkg}/queue/__init__.py",
     "src/{pkg}/queue/client.py",
     "src/{pkg}/queue/topology.py",
     "src/{pkg}/queue/worker.py",
+    "src/{pkg}/registry.py",
     "src/{pkg}/service.py",
     "src/{pkg}/settings.py",
     "src/{pkg}/stats.py",
+    "src/{pkg}/tracking.py",
     "tests/__init__.py",
     "tests/conftest.py",
     "tests/integration/__init__.py",
@@ -61,6 +65,7 @@ BASE_FILES = {
     "tests/integration/test_generation.py",
     "tests/integration/test_jobs.py",
     "tests/integration/test_queue.py",
+    "tests/integration/test_tracking.py",
     "tests/unit/__init__.py",
     "tests/unit/test_batching.py",
     "tests/unit/test_messages.py",
@@ -71,6 +76,7 @@ BASE_FILES = {
 
 CTRANSLATE2_FILES = {
     "src/{pkg}/backends/ct2.py",
+    "src/{pkg}/ct2_pyfunc.py",
     "src/{pkg}/evalset/heldout.txt",
     "src/{pkg}/evalset/prompts.jsonl",
     "src/{pkg}/quality.py",
@@ -87,6 +93,10 @@ def expected_files(combo: dict[str, str], package: str) -> set[str]:
         paths |= CTRANSLATE2_FILES
     if combo["worker_runtime"] == "ray":
         paths |= {"src/{pkg}/distributed.py", "tests/integration/test_ray.py"}
+    if combo["tracking_backend"] == "mysql":
+        paths.add("tests/integration/test_tracking_mysql.py")
+    if combo["artifact_store"] == "s3":
+        paths.add("tests/integration/test_artifacts_s3.py")
     return {path.format(pkg=package) for path in paths}
 
 
@@ -153,16 +163,38 @@ def test_docker_compose_runs_the_broker_with_a_healthcheck_and_the_worker(projec
         "management" in broker["image"] and "rabbitmq-diagnostics" in broker["healthcheck"]["test"]
     )
     assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert worker["command"] == ["worker"]
     dockerfile = (project / "Dockerfile").read_text()
     assert f'ENTRYPOINT ["{project.name}"]' in dockerfile
+
+
+def test_docker_compose_has_the_mlflow_server_and_the_stores_the_options_ask_for(project):
+    import json
+
+    import yaml
+
+    answers = json.loads((project / ".cookiecutter.json").read_text())
+    services = yaml.safe_load((project / "docker-compose.yml").read_text())["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"][0] == "mlflow-server" and "/health" in mlflow["healthcheck"]["test"][-1]
+    environment = " ".join(f"{k}={v}" for k, v in mlflow["environment"].items())
+    stores = {"mysql": answers["tracking_backend"] == "mysql", "minio": False}
+    stores["minio"] = answers["artifact_store"] == "s3"
+    for store, wanted in stores.items():
+        assert (store in services) == wanted, f"{store} service: expected {wanted}"
+        if wanted:
+            assert services[store]["healthcheck"]["test"]
+            assert mlflow["depends_on"][store]["condition"] == "service_healthy"
+    assert ("mysql+pymysql://" in environment) == stores["mysql"]
+    assert ("MLFLOW_S3_ENDPOINT_URL=http://minio:9000" in environment) == stores["minio"]
 
 
 def test_the_package_imports_and_its_cli_answers_help(project):
     package = package_of(project)
     run([sys.executable, "-c", f"import {package}.cli, {package}.backends.hf"], project)
     result = run([sys.executable, "-m", package, "--help"], project)
-    for command in ("model", "generate", "batch", "worker", "submit", "bench"):
+    for command in ("model", "generate", "batch", "worker", "submit", "bench", "mlflow-server"):
         assert command in result.stdout
 
 

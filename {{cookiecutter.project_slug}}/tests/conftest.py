@@ -1,13 +1,20 @@
 """Shared fixtures: one real model for the whole session, loaded only by integration tests."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.settings import Settings, load_settings
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, Settings, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests track into a store of their own: never the project's mlruns/, never a server that the
+# shell's MLFLOW_TRACKING_URI names. Child processes inherit this.
+for _name in ("MLFLOW_TRACKING_URI", f"{ENV_PREFIX}TRACKING_URI"):
+    os.environ.pop(_name, None)
+os.environ[f"{ENV_PREFIX}TRACKING_DIR"] = tempfile.mkdtemp(prefix="mlruns-test-")
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +25,9 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def model_dir(settings: Settings) -> Path:
-    from {{ cookiecutter.package_name }}.model_source import resolve_model
+    from {{ cookiecutter.package_name }}.model_source import resolve_for
 
-    return resolve_model(settings.model, settings.models_dir)
+    return resolve_for(settings)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +82,73 @@ def prefix(broker: str):
     connection = pika.BlockingConnection(pika.URLParameters(broker))
     delete(connection.channel(), Names(name))
     connection.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process, log_path: Path, timeout_s: float = 120.0) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies or times out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(
+                f"the server exited ({process.returncode}):\n{log_path.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no answer from {url} in {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """start(env) -> the URI of a real `mlflow-server` (this project's command) on a free port.
+
+    `env` sets its stores (backend store URI, artifacts destination, S3 endpoint and keys);
+    by default SQLite and artifacts under tmp_path. Every server is stopped afterwards.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        log_path = tmp_path / f"mlflow-server-{port}.log"
+        server_env = {
+            **os.environ,
+            f"{ENV_PREFIX}TRACKING_DIR": str(tmp_path / f"server-{port}"),
+            f"{ENV_PREFIX}MLFLOW_PORT": str(port),
+            **(env or {}),
+        }
+        package = "{{ cookiecutter.package_name }}"
+        command = [sys.executable, "-m", package, "mlflow-server"]
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen(
+                command, env=server_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        started.append((process, log_path))
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{uri}/health", process, log_path)
+        return uri
+
+    yield start
+    for process, _ in started:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

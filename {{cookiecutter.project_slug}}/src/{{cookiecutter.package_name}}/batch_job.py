@@ -2,7 +2,7 @@
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from {{ cookiecutter.package_name }}.batching import DynamicBatcher
@@ -33,9 +33,10 @@ def run_batch_file(
     is called after each batch. Returns the replies and the throughput summary.
     """
     raw = read_requests(source)
+    sizes: list[int] = []
     started = time.perf_counter()
-    replies = serve_lines(service, settings, raw, on_progress)
-    return replies, finish(target, replies, time.perf_counter() - started)
+    replies = serve_lines(service, settings, raw, on_progress, sizes)
+    return replies, finish(target, replies, time.perf_counter() - started, sizes)
 
 
 def serve_lines(
@@ -43,8 +44,12 @@ def serve_lines(
     settings: Settings,
     raw: list[tuple[str, bytes]],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    batch_sizes: list[int] | None = None,
 ) -> list[Reply]:
-    """Replies to (fallback id, raw request) pairs, in their order, batched as the settings say."""
+    """Replies to (fallback id, raw request) pairs, in their order, batched as the settings say.
+
+    The size of each batch run is appended to `batch_sizes` when one is given.
+    """
     replies: list[Reply | None] = [None] * len(raw)
     batcher: DynamicBatcher[tuple[int, Admitted]] = DynamicBatcher(
         max_batch_size=settings.max_batch_size,
@@ -63,12 +68,16 @@ def serve_lines(
     for batch in batcher.drain():
         for (position, _), reply in zip(batch, service.run([a for _, a in batch]), strict=True):
             replies[position] = reply
+        if batch_sizes is not None:
+            batch_sizes.append(len(batch))
         done += len(batch)
         on_progress(done, len(raw))
     return [r for r in replies if r is not None]
 
 
-def finish(target: Path, replies: list[Reply], seconds: float) -> Summary:
+def finish(
+    target: Path, replies: list[Reply], seconds: float, batch_sizes: Sequence[int] = ()
+) -> Summary:
     """Write the replies and summarize the job's throughput and latency."""
     write_replies(target, replies)
     served = [r for r in replies if r.error is None]
@@ -77,6 +86,7 @@ def finish(target: Path, replies: list[Reply], seconds: float) -> Summary:
         [r.latency_ms for r in served],
         sum(r.usage.completion_tokens for r in served),
         errors=len(replies) - len(served),
+        batch_sizes=batch_sizes,
     )
 
 

@@ -193,6 +193,7 @@ def _renamed(requests: list[dict], tag: str) -> list[dict]:
 
 def _start_worker(settings: Settings, prefix: str, replicas: int) -> subprocess.Popen:
     env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix, f"{ENV_PREFIX}TEMPERATURE": "0"}
+    env[f"{ENV_PREFIX}TRACKING"] = "false"  # the bench run is the one tracked
     command = [sys.executable, "-m", PACKAGE, "worker"]
     if replicas:
         command += ["--replicas", str(replicas)]

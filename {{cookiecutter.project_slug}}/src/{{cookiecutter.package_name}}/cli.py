@@ -8,14 +8,17 @@ from typing import Annotated
 import typer
 
 from {{ cookiecutter.package_name }}.messages import Reply, RequestError, parse_request
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError, resolve_model
+from {{ cookiecutter.package_name }}.model_source import ModelSourceError, resolve_for
 from {{ cookiecutter.package_name }}.prompts import resolve_params, with_system_prompt
 from {{ cookiecutter.package_name }}.service import InferenceService, generation_defaults
 from {{ cookiecutter.package_name }}.settings import Settings, SettingsError, load_settings
+from {{ cookiecutter.package_name }}.tracking import TrackingError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 model_app = typer.Typer(help="Fetch and prepare the model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+artifacts_app = typer.Typer(help="Copy model directories to and from S3 or a folder.")
+app.add_typer(artifacts_app, name="artifacts", no_args_is_help=True)
 
 # Errors a user can fix: printed as one line, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -23,6 +26,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ModelSourceError,
     SettingsError,
     RequestError,
+    TrackingError,
     FileNotFoundError,
     IsADirectoryError,
 )
@@ -35,7 +39,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "pika"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "pika", "alembic", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -45,7 +49,96 @@ def model_pull(
 ) -> None:
     """Fetch (and for the bundled model, convert) the model into the cache; print its directory."""
     settings = load_settings(model=model)
-    typer.echo(resolve_model(settings.model, settings.models_dir))
+    typer.echo(resolve_for(settings))
+
+
+@model_app.command("register")
+def model_register(
+    model: Annotated[str | None, typer.Option(help="Model spec; default from settings")] = None,
+    alias: Annotated[
+        str | None, typer.Option(help="Point this alias at the new version; default: champion")
+    ] = None,
+    no_alias: Annotated[bool, typer.Option("--no-alias", help="Register only")] = False,
+) -> None:
+    """Log the served model to MLflow, register it as a new version and point the alias at it."""
+    from {{ cookiecutter.package_name }}.registry import (
+        log_model,
+        register,
+        set_alias,
+    )
+    from {{ cookiecutter.package_name }}.tracking import (
+        settings_params,
+        start_run,
+        tracking_uri,
+    )
+
+    settings = load_settings(model=model, champion_alias=alias)
+    engine, model_dir = _served_model_dir(settings)
+    with start_run(settings, "register", settings_params(settings)) as run:
+        run.log_params({"engine": engine, "model_dir": str(model_dir)})
+        model_uri = log_model(run, model_dir, engine)
+        registered = register(tracking_uri(settings), model_uri, settings.registered_model)
+    if no_alias:
+        typer.echo(f"registered {registered.model_uri}")
+        return
+    alias = settings.champion_alias
+    set_alias(tracking_uri(settings), registered.name, alias, registered.version)
+    typer.echo(f"registered {registered.model_uri}; models:/{registered.name}@{alias} points to it")
+
+
+def _served_model_dir(settings: Settings) -> tuple[str, Path]:
+    """(engine, directory) of the model the configured backend serves."""
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.quantize import (
+            ensure_converted,
+            registered_ct2,
+        )
+
+        return "ctranslate2", (registered_ct2(settings) or ensure_converted(settings))[0]
+{%- endif %}
+    return "transformers", resolve_for(settings)
+
+
+@app.command("mlflow-server")
+def mlflow_server(
+    host: Annotated[str | None, typer.Option(help="Default from settings (127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+) -> None:
+    """Run the MLflow tracking server (backend store and artifacts from settings) until Ctrl-C."""
+    from {{ cookiecutter.package_name }}.mlflow_server import ServerSetupError, serve
+
+    settings = load_settings(mlflow_host=host, mlflow_port=port)
+    try:
+        status = serve(settings)
+    except ServerSetupError as exc:
+        _fail(str(exc))
+    raise typer.Exit(status)
+
+
+@artifacts_app.command("push")
+def artifacts_push(
+    directory: Annotated[Path, typer.Argument(help="A model or adapter directory")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder")],
+) -> None:
+    """Copy a model directory to a store (S3 or a folder)."""
+    from {{ cookiecutter.package_name }}.artifacts import push_dir
+
+    settings = load_settings()
+    count = push_dir(directory, uri, settings.s3_endpoint_url)
+    typer.echo(f"{count} files stored at {uri}")
+
+
+@artifacts_app.command("pull")
+def artifacts_pull(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder")],
+    directory: Annotated[Path, typer.Argument(help="Where to put it (replaced whole)")],
+) -> None:
+    """Copy a stored model directory from a store (S3 or a folder)."""
+    from {{ cookiecutter.package_name }}.artifacts import pull_dir
+
+    settings = load_settings()
+    typer.echo(pull_dir(uri, directory, settings.s3_endpoint_url))
 
 
 @app.command()
@@ -73,7 +166,7 @@ def generate(
         request = parse_request(raw)
         chat = with_system_prompt(request.chat(), settings.system_prompt)
         params = resolve_params(request, generation_defaults(settings))
-        model_dir = resolve_model(settings.model, settings.models_dir)
+        model_dir = resolve_for(settings)
         typer.echo(generate_with_pipeline(model_dir, chat, params))
         return
     service = _service(settings)
@@ -108,41 +201,50 @@ def batch(
         read_requests,
         serve_lines,
     )
+    from {{ cookiecutter.package_name }}.tracking import settings_params, start_run
 {% if cookiecutter.worker_runtime == "ray" %}
     settings = load_settings(replicas=replicas)
 {%- else %}
     settings = load_settings()
 {%- endif %}
     lines = read_requests(source)  # fail on a missing file before loading the model
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task("generating", total=None)
+    params = settings_params(settings)
+    # The run opens first: an unreachable tracking server fails before the model loads.
+    with start_run(settings, "batch", params | {"input_file": source.name}) as run:
+        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        sizes: list[int] = []
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task("generating", total=None)
 
-        def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            def on_progress(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
 {% if cookiecutter.worker_runtime == "ray" %}
-        if settings.replicas:
-            from {{ cookiecutter.package_name }}.distributed import run_batch
+            if settings.replicas:
+                from {{ cookiecutter.package_name }}.distributed import run_batch
 
-            replies, seconds = run_batch(settings, settings.replicas, lines, on_progress)
-        else:
-            service = _service(settings)
-            started = time.perf_counter()
-            replies = serve_lines(service, settings, lines, on_progress)
-            seconds = time.perf_counter() - started
+                replies, seconds = run_batch(settings, settings.replicas, lines, on_progress)
+            else:
+                service = _service(settings)
+                run.log_params(service.backend.describe())
+                started = time.perf_counter()
+                replies = serve_lines(service, settings, lines, on_progress, sizes)
+                seconds = time.perf_counter() - started
 {%- else %}
-        service = _service(settings)
-        started = time.perf_counter()
-        replies = serve_lines(service, settings, lines, on_progress)
-        seconds = time.perf_counter() - started
+            service = _service(settings)
+            run.log_params(service.backend.describe())
+            started = time.perf_counter()
+            replies = serve_lines(service, settings, lines, on_progress, sizes)
+            seconds = time.perf_counter() - started
 {%- endif %}
-    summary = finish(target, replies, seconds)
+        summary = finish(target, replies, seconds, sizes)
+        run.log_metrics(summary.metrics())
+        run.log_artifact(target, "results")
     if show:
         for reply in replies:
             answer = reply.text if reply.error is None else f"[error] {reply.error.message}"
             typer.echo(f"{reply.id}: {' '.join(answer.split())}")
     typer.echo(summary.line())
-    typer.echo(f"replies written to {target}")
+    typer.echo(f"replies written to {target}{run.where()}")
 
 
 @app.command()
@@ -159,7 +261,7 @@ def worker() -> None:
     import signal
     import threading
 
-    from {{ cookiecutter.package_name }}.queue.worker import Worker
+    from {{ cookiecutter.package_name }}.queue.worker import Worker, run_tracked
 
     stopping = threading.Event()
 
@@ -182,7 +284,7 @@ def worker() -> None:
 {%- endif %}
     served = Worker(_service(settings), settings)
     threading.Thread(target=lambda: (stopping.wait(), served.stop()), daemon=True).start()
-    served.run()
+    run_tracked(served)
 
 
 @app.command()
@@ -292,6 +394,7 @@ def bench(
 
     from {{ cookiecutter.package_name }} import bench as b
     from {{ cookiecutter.package_name }}.batch_job import read_requests
+    from {{ cookiecutter.package_name }}.tracking import settings_params, start_run
 
     settings = load_settings()
     if run_mode is not None and result is not None:  # a child process of the benchmark
@@ -301,21 +404,29 @@ def bench(
     count = len(read_requests(prompts))
     chosen = modes.split(",") if modes else b.default_modes(settings)
     typer.echo(f"bench: {count} prompts, {max_new_tokens} new tokens, greedy; modes {chosen}")
-    results = []
-    for mode in chosen:
-        typer.echo(f"  running {mode} ...", err=True)
-        if mode in ("worker", "worker-ray"):
-            replicas = 2 if mode == "worker-ray" else 0
-            done = b.run_worker_modes(settings, prompts, max_new_tokens, replicas, load)
-        else:
-            done = [b.child_mode(mode, prompts, max_new_tokens)]
-        results += done
-        typer.echo(f"  {mode}: {done[0].inputs_per_s:.2f} inputs/s", err=True)
-    rows, plot = b.report(results, out)
-    typer.echo(b.markdown_table(rows))
-    bandwidth = b.memory_bandwidth_gb_s()
-    typer.echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s")
-    typer.echo(f"results: {out / 'results.csv'}, {plot}")
+    params = settings_params(settings) | {"prompts": prompts.name, "prompt_count": count}
+    params |= {"bench_max_new_tokens": max_new_tokens, "modes": ",".join(chosen), "load": load}
+    with start_run(settings, "bench", params) as run:
+        results = []
+        for mode in chosen:
+            typer.echo(f"  running {mode} ...", err=True)
+            if mode in ("worker", "worker-ray"):
+                replicas = 2 if mode == "worker-ray" else 0
+                done = b.run_worker_modes(settings, prompts, max_new_tokens, replicas, load)
+            else:
+                done = [b.child_mode(mode, prompts, max_new_tokens)]
+            results += done
+            typer.echo(f"  {mode}: {done[0].inputs_per_s:.2f} inputs/s", err=True)
+        rows, plot = b.report(results, out)
+        typer.echo(b.markdown_table(rows))
+        bandwidth = b.memory_bandwidth_gb_s()
+        typer.echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s")
+        for row in rows:
+            numbers = {k: v for k, v in row.items() if isinstance(v, int | float)}
+            run.log_metrics({f"{row['mode']}.{k}": v for k, v in numbers.items()})
+        run.log_metrics({"memory_bandwidth_gb_s": bandwidth})
+        run.log_artifact(out, "bench")
+    typer.echo(f"results: {out / 'results.csv'}, {plot}{run.where()}")
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 
 
@@ -343,7 +454,7 @@ def convert(
     )
 
     settings = load_settings(model=model, quantization=quantization)
-    hf_dir = resolve_model(settings.model, settings.models_dir)
+    hf_dir = resolve_for(settings)
     if diagnose:
         from {{ cookiecutter.package_name }}.quality import (
             EvalSet,

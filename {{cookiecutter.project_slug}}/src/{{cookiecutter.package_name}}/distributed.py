@@ -77,11 +77,10 @@ class Replica:
 
     def run(self) -> dict[str, int]:
         """Serve RabbitMQ until stop(); return the worker's counters."""
-        from {{ cookiecutter.package_name }}.queue.worker import Worker
+        from {{ cookiecutter.package_name }}.queue.worker import Worker, run_tracked
 
         self.worker = Worker(self.service, self.settings)
-        self.worker.run()
-        return vars(self.worker.counters)
+        return vars(run_tracked(self.worker, tags={"replica": self.index}))
 
     def stop(self) -> None:
         if self.worker is not None:

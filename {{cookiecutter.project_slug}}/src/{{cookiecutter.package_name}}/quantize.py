@@ -17,7 +17,11 @@ import tempfile
 from pathlib import Path
 
 from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError, check_model
+from {{ cookiecutter.package_name }}.model_source import (
+    ModelSourceError,
+    check_model,
+    resolve_for,
+)
 from {{ cookiecutter.package_name }}.quality import (
     EvalSet,
     GateReport,
@@ -25,7 +29,7 @@ from {{ cookiecutter.package_name }}.quality import (
     Thresholds,
     evaluate,
 )
-from {{ cookiecutter.package_name }}.settings import Settings
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, Settings
 from {{ cookiecutter.package_name }}.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -86,19 +90,34 @@ def find_published(settings: Settings) -> tuple[Path, str] | None:
     return (directory, scheme) if (directory / META_FILE).is_file() else None
 
 
+def registered_ct2(settings: Settings) -> tuple[Path, str] | None:
+    """(directory, scheme) when the settings' model is a registered CTranslate2 model; a
+    registered transformers model is converted like any other (`ensure_converted`)."""
+    if not settings.model.startswith("models:/"):
+        return None
+    model_dir = resolve_for(settings)
+    if not (model_dir / META_FILE).is_file():
+        return None
+    return model_dir, json.loads((model_dir / META_FILE).read_text())["quantization"]
+
+
 def ensure_converted(settings: Settings) -> tuple[Path, str]:
     """The published CTranslate2 model for `settings`, converting it first in a child process.
 
     The child keeps torch out of this (serving) process. Raises ModelSourceError if it fails.
     """
+    if settings.model.startswith("models:/"):  # converted per downloaded version
+        settings = settings.model_copy(update={"model": str(resolve_for(settings))})
     found = find_published(settings)
     if found is None:
-        check_model(settings.model, settings.models_dir)
+        check_model(settings)
         log.info("no converted model for %s: running convert", settings.model)
         package = __name__.rpartition(".")[0]
+        # The child converts the model of these settings, whatever the environment says.
+        overrides = {"MODEL": settings.model, "QUANTIZATION": settings.quantization}
         child = subprocess.Popen(
             [sys.executable, "-m", package, "convert"],
-            env=os.environ.copy(),
+            env=os.environ | {f"{ENV_PREFIX}{k}": v for k, v in overrides.items()},
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -3,12 +3,24 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
 DEFAULT_MODEL = "{{ cookiecutter.model_id }}"
 DEFAULT_QUEUE_PREFIX = "{{ cookiecutter.project_slug }}"
+{%- if cookiecutter.tracking_backend == "mysql" %}
+# The server's store; a password belongs in the environment or .env, never here.
+MLFLOW_DATABASE = "{{ cookiecutter.package_name }}_mlflow"
+DEFAULT_MLFLOW_BACKEND_STORE = f"mysql+pymysql://root@127.0.0.1:3306/{MLFLOW_DATABASE}"
+{%- else %}
+DEFAULT_MLFLOW_BACKEND_STORE = None  # None = the project's local store (tracking_dir)
+{%- endif %}
+{%- if cookiecutter.artifact_store == "s3" %}
+DEFAULT_MLFLOW_ARTIFACTS = "s3://{{ cookiecutter.project_slug }}-mlflow/artifacts"
+{%- else %}
+DEFAULT_MLFLOW_ARTIFACTS = None  # None = the project's local store (tracking_dir)
+{%- endif %}
 
 
 def default_cache_dir() -> Path:
@@ -19,7 +31,11 @@ class Settings(BaseSettings):
     """Read once at the edge (the CLI) and passed down; nothing else reads the environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
     )
 
     # Model: bundled:<name>, a Hugging Face Hub id (org/name[@revision]) or a local directory.
@@ -92,6 +108,35 @@ class Settings(BaseSettings):
     ray_gpus_per_replica: float = Field(default=0.0, ge=0)
     ray_max_restarts: int = Field(default=3, ge=-1, description="-1 = restart forever")
 {%- endif %}
+
+    # MLflow: every job logs a run. Without a tracking URI the store is local to the project
+    # (tracking_dir/mlflow.db and tracking_dir/artifacts, no server); MLFLOW_TRACKING_URI (or
+    # this) points at a server, such as the one `mlflow-server` starts.
+    tracking: bool = True
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}TRACKING_URI", "MLFLOW_TRACKING_URI"),
+    )
+    tracking_dir: Path = Path("mlruns")
+    experiment: str = DEFAULT_QUEUE_PREFIX
+    registered_model: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[\w.-]+$")
+    champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z_][\w-]*$")
+    worker_metrics_every_s: float = Field(default=30.0, gt=0)
+
+    # `mlflow-server`: one lean process (one worker, job execution off) for small machines.
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    # Host headers the server accepts (MLflow's DNS-rebinding guard); None = MLflow's default.
+    mlflow_allowed_hosts: str | None = None
+    # May hold a password: from the environment or .env only, and never logged.
+    mlflow_backend_store_uri: str | None = DEFAULT_MLFLOW_BACKEND_STORE
+    mlflow_artifacts_destination: str | None = DEFAULT_MLFLOW_ARTIFACTS
+    # Any S3-compatible endpoint (MinIO, moto); None = AWS. Credentials: the usual AWS_*
+    # variables, needed by the server (and `artifacts push/pull`), never by MLflow clients.
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
+    )
 
     @property
     def models_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""Throughput and latency summaries, printed by jobs and (later) logged to tracking."""
+"""Throughput and latency summaries, printed by jobs and logged to tracking."""
 
 import math
 from collections.abc import Sequence
@@ -23,6 +23,8 @@ class Summary:
     completion_tokens: int
     latency_p50_ms: float
     latency_p95_ms: float
+    latency_p99_ms: float = math.nan
+    batch_sizes: tuple[int, ...] = ()
 
     @property
     def inputs_per_s(self) -> float:
@@ -31,6 +33,24 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers a tracking run records."""
+        sizes = self.batch_sizes
+        return {
+            "inputs": self.inputs,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "completion_tokens": self.completion_tokens,
+            "inputs_per_s": self.inputs_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p95_ms": self.latency_p95_ms,
+            "latency_p99_ms": self.latency_p99_ms,
+            "batches": len(sizes),
+            "batch_size_mean": sum(sizes) / len(sizes) if sizes else math.nan,
+            "batch_size_max": max(sizes, default=math.nan),
+        }
 
     def line(self) -> str:
         return (
@@ -41,7 +61,11 @@ class Summary:
 
 
 def summarize(
-    seconds: float, latencies_ms: Sequence[float], completion_tokens: int, errors: int
+    seconds: float,
+    latencies_ms: Sequence[float],
+    completion_tokens: int,
+    errors: int,
+    batch_sizes: Sequence[int] = (),
 ) -> Summary:
     return Summary(
         inputs=len(latencies_ms) + errors,
@@ -50,4 +74,6 @@ def summarize(
         completion_tokens=completion_tokens,
         latency_p50_ms=percentile(latencies_ms, 50),
         latency_p95_ms=percentile(latencies_ms, 95),
+        latency_p99_ms=percentile(latencies_ms, 99),
+        batch_sizes=tuple(batch_sizes),
     )

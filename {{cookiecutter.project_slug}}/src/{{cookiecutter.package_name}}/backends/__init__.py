@@ -1,7 +1,7 @@
 """Inference engines behind one `Backend` protocol; `load_backend` picks the configured one."""
 
 from {{ cookiecutter.package_name }}.backends.base import Backend, Completion
-from {{ cookiecutter.package_name }}.model_source import resolve_model
+from {{ cookiecutter.package_name }}.model_source import resolve_for
 from {{ cookiecutter.package_name }}.settings import Settings
 
 __all__ = ["Backend", "Completion", "load_backend"]
@@ -15,9 +15,13 @@ def load_backend(settings: Settings) -> Backend:
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
         from {{ cookiecutter.package_name }}.backends.ct2 import CTranslate2Backend
-        from {{ cookiecutter.package_name }}.quantize import ct2_types, ensure_converted
+        from {{ cookiecutter.package_name }}.quantize import (
+            ct2_types,
+            ensure_converted,
+            registered_ct2,
+        )
 
-        model_dir, scheme = ensure_converted(settings)
+        model_dir, scheme = registered_ct2(settings) or ensure_converted(settings)
         return CTranslate2Backend(
             model_dir,
             device=settings.device,
@@ -30,7 +34,7 @@ def load_backend(settings: Settings) -> Backend:
     from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
 
     return TransformersBackend(
-        resolve_model(settings.model, settings.models_dir),
+        resolve_for(settings),
         device=settings.device,
         dtype=settings.dtype,
         num_threads=settings.num_threads,

@@ -25,6 +25,10 @@ class Backend(Protocol):
         """Return one completion per request, in order. Raises only when the whole batch fails."""
         ...
 
+    def describe(self) -> dict[str, str]:
+        """What tracking records of the engine as loaded: device, precision, threads, model."""
+        ...
+
 
 def generate_grouped(
     batch: list[PreparedRequest],

@@ -77,10 +77,21 @@ class CTranslate2Backend:
         self.context_window = int(meta.get("context_window", 2048))
         self.end_tokens = [self.tokenizer.eos_token] if self.tokenizer.eos_token else []
         self.max_batch_tokens = max_batch_tokens
+        self.model_dir = model_dir
+        self.threads = f"{inter}x{intra}"
         log.info(
             "ctranslate2 backend on %s, compute type %s, threads %dx%d",
             self.device, self.generator.compute_type, inter, intra,
         )  # fmt: skip
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "engine_device": self.device,
+            "compute_type": self.generator.compute_type,
+            "engine_threads": self.threads,
+            "model_dir": str(self.model_dir),
+        }
 
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """One completion per request, in order; requests sharing sampling settings share a call."""

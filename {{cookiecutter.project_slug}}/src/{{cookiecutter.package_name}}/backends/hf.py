@@ -57,6 +57,7 @@ class TransformersBackend:
         except Exception as exc:  # noqa: BLE001 - a broken model directory is one clear line
             raise ModelSourceError(f"cannot load the model in {model_dir}: {exc}") from None
         self.model = model.to(self.device).eval()
+        self.model_dir = model_dir
         # Left padding keeps every prompt's last token at the end, where generation continues.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -66,6 +67,15 @@ class TransformersBackend:
         )
         self.eos_ids = _eos_ids(model, self.tokenizer)
         log.info("transformers backend on %s, dtype %s", self.device, model.dtype)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "engine_device": str(self.device),
+            "compute_type": str(self.model.dtype).removeprefix("torch."),
+            "engine_threads": str(torch.get_num_threads()),
+            "model_dir": str(self.model_dir),
+        }
 
     def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
         """One completion per request, in order; requests sharing sampling settings share a pass."""

@@ -29,6 +29,7 @@ from {{ cookiecutter.package_name }}.queue.topology import (
 )
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import Settings
+from {{ cookiecutter.package_name }}.stats import Summary, summarize
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
@@ -50,17 +51,58 @@ class Counters:
     reconnects: int = 0
 
 
+class MetricsWindow:
+    """What the worker generated since the last look: batch sizes, latencies, tokens.
+
+    Filled by the generation thread, read by the metrics reporter: guarded by a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since = time.monotonic()
+        self._sizes: list[int] = []
+        self._latencies: list[float] = []
+        self._tokens = 0
+
+    def add(self, replies: list[Reply]) -> None:
+        with self._lock:
+            self._sizes.append(len(replies))
+            for reply in replies:
+                if reply.error is None:
+                    self._latencies.append(reply.latency_ms)
+                    self._tokens += reply.usage.completion_tokens
+
+    def take(self) -> Summary:
+        """The window's summary; the window starts again empty."""
+        with self._lock:
+            now = time.monotonic()
+            summary = summarize(now - self._since, self._latencies, self._tokens, 0, self._sizes)
+            self._since, self._sizes, self._latencies, self._tokens = now, [], [], 0
+        return summary
+
+
 class Worker:
     def __init__(self, service: InferenceService, settings: Settings) -> None:
         self.service = service
         self.settings = settings
         self.names = Names(settings.queue_prefix)
         self.counters = Counters()
+        self.window = MetricsWindow()
         self._stop = threading.Event()
 
     def stop(self) -> None:
         """Ask the worker to stop: the batch in hand is finished and acked, the rest requeued."""
         self._stop.set()
+
+    def snapshot(self) -> dict[str, float]:
+        """Counters since start, and throughput, latency and batch sizes since the last call."""
+        window = self.window.take().metrics()
+        return {
+            **{f"total_{k}": float(v) for k, v in vars(self.counters).items()},
+            **{k: window[k] for k in ("inputs_per_s", "tokens_per_s", "batches")},
+            **{k: window[k] for k in ("batch_size_mean", "batch_size_max")},
+            **{k: window[k] for k in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")},
+        }
 
     def run(self) -> None:
         """Serve until `stop()`, reconnecting with backoff whenever the connection is lost."""
@@ -237,6 +279,7 @@ class _Session:
         started = time.perf_counter()
         replies = self.worker.service.run([d.admitted for d in batch])
         log.info("batch of %d in %.2f s", len(batch), time.perf_counter() - started)
+        self.worker.window.add(replies)
         self._call_on_connection(functools.partial(self._complete, batch, replies))
 
     def _call_on_connection(self, callback: Callable[[], None]) -> None:
@@ -244,6 +287,44 @@ class _Session:
             self.connection.add_callback_threadsafe(callback)
         except CONNECTION_ERRORS:  # the connection died: the broker redelivers these requests
             log.warning("connection closed before replies could be sent; they will be redelivered")
+
+
+def run_tracked(worker: Worker, tags: dict[str, object] | None = None) -> Counters:
+    """Run `worker` in an MLflow run of kind "worker" until it stops; return its counters.
+
+    Its metrics are logged every `worker_metrics_every_s` (and once at the end) by a thread of
+    their own, so a slow tracking server never delays an ack; a failed report is a warning.
+    """
+    from {{ cookiecutter.package_name }}.tracking import settings_params, start_run
+
+    settings = worker.settings
+    with start_run(settings, "worker", settings_params(settings)) as run:
+        run.log_params(worker.service.backend.describe())
+        run.set_tags({"queue": worker.names.requests, **(tags or {})})
+        done = threading.Event()
+        step = 0
+
+        def report() -> None:
+            nonlocal step
+            try:
+                run.log_metrics(worker.snapshot(), step=step)
+            except Exception as exc:  # noqa: BLE001 - tracking must never stop serving
+                log.warning("worker metrics not logged: %s", _short(exc))
+            step += 1
+
+        def reporter() -> None:
+            while not done.wait(settings.worker_metrics_every_s):
+                report()
+
+        thread = threading.Thread(target=reporter, name="metrics", daemon=True)
+        thread.start()
+        try:
+            worker.run()
+        finally:
+            done.set()
+            thread.join()
+            report()
+    return worker.counters
 
 
 def _drain(inbox: "queue.Queue[Delivery]") -> list[Delivery]:

@@ -1,0 +1,173 @@
+"""The Model Registry: log the served model as an MLflow model, register it, move its aliases,
+and fetch a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`) into the
+cache as a directory the engines load.
+
+A transformers model is logged with the transformers flavor; a CTranslate2 model as a pyfunc
+from a code file (`ct2_pyfunc.py`: a `Generator` cannot be pickled), with the package's code.
+"""
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from {{ cookiecutter.package_name }}.model_source import COMPLETE_MARKER, ModelSourceError
+from {{ cookiecutter.package_name }}.tracking import Run, redact_uri
+
+log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_URI = re.compile(r"^models:/(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    model_uri: str  # models:/<name>/<version>
+
+
+def pinned(*packages: str) -> list[str]:
+    """`name==version` of each installed package (local builds such as +cpu dropped)."""
+    found = []
+    for package in packages:
+        try:
+            found.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def log_model(run: Run, model_dir: Path, engine: str) -> str:
+    """Log the model in `model_dir` to `run` as an MLflow model; return its model URI.
+
+    `engine` is "transformers" (a Hugging Face directory) or "ctranslate2" (a converted one).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(run.client.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        if engine == "ctranslate2":
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PACKAGE_DIR / "ct2_pyfunc.py"),
+                artifacts={"model": str(model_dir)},
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=pinned("ctranslate2", "tokenizers", "jinja2", "numpy", "pydantic"),
+            )
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            # The dict form: logging from a checkpoint path fails in MLflow 3.17 with
+            # transformers 5. No torchvision in pip_requirements: MLflow would look for it.
+            components = {
+                "model": AutoModelForCausalLM.from_pretrained(model_dir),
+                "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+            }
+            info = mlflow.transformers.log_model(
+                components,
+                name="model",
+                task="text-generation",
+                pip_requirements=pinned("transformers", "torch", "accelerate", "safetensors"),
+            )
+    return info.model_uri
+
+
+def register(tracking_uri: str, model_uri: str, name: str) -> Registered:
+    """Register `model_uri` as a new version of `name` (created on first use); return it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    created = mlflow.register_model(model_uri, name, await_registration_for=300)
+    log.info("registered %s as %s version %s", model_uri, name, created.version)
+    return Registered(name, str(created.version), f"models:/{name}/{created.version}")
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, model_version: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_registered_model_alias(name, alias, model_version)
+    log.info("%s@%s -> version %s", name, alias, model_version)
+
+
+def alias_version(tracking_uri: str, name: str, alias: str) -> Any | None:
+    """The ModelVersion `name@alias` points to, or None when the alias (or model) is unset."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
+    """A local directory holding the registered model `spec` names, downloaded once per version.
+
+    Raises ModelSourceError for a malformed URI, an unknown name, alias or version, an
+    unreachable registry or a model that is neither a transformers nor a CTranslate2 model.
+    """
+    match = MODEL_URI.match(spec)
+    if match is None:
+        raise ModelSourceError(
+            f"model {spec!r} is not models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from {{ cookiecutter.package_name }}.tracking import TrackingError, check_server
+
+    name = match["name"]
+    try:
+        check_server(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if match["alias"]:
+            found = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            found = client.get_model_version(name, match["version"])
+    except TrackingError as exc:
+        raise ModelSourceError(str(exc)) from None
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or ["not found"])[0][:200]
+        raise ModelSourceError(
+            f"model {spec!r} is not in the registry at {redact_uri(tracking_uri)}: {first}"
+        ) from None
+    target = models_dir / "registry" / name / f"v{found.version}"
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    log.info("downloading %s (version %s) from the registry", spec, found.version)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".registry.") as tmp:
+        import mlflow.artifacts
+
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{name}/{found.version}", dst_path=tmp, tracking_uri=tracking_uri
+            )
+        )
+        staged = _servable(downloaded, spec)
+        (staged / COMPLETE_MARKER).write_text(json.dumps({"model_uri": spec}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(target)
+    return target
+
+
+def _servable(downloaded: Path, spec: str) -> Path:
+    """The engine directory inside a downloaded MLflow model."""
+    ct2 = downloaded / "artifacts" / "model"
+    if (ct2 / "model.bin").is_file():
+        return ct2
+    weights, tokenizer = downloaded / "model", downloaded / "components" / "tokenizer"
+    if (weights / "config.json").is_file():
+        for item in tokenizer.glob("*") if tokenizer.is_dir() else []:
+            shutil.copy2(item, weights / item.name)
+        return weights
+    raise ModelSourceError(f"{spec} is neither a transformers nor a CTranslate2 model")
