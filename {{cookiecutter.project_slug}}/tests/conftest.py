@@ -117,7 +117,8 @@ def mlflow_server(tmp_path: Path):
     """start(env) -> the URI of a real `mlflow-server` (this project's command) on a free port.
 
     `env` sets its stores (backend store URI, artifacts destination, S3 endpoint and keys);
-    by default SQLite and artifacts under tmp_path. Every server is stopped afterwards.
+    by default SQLite and artifacts under tmp_path, whatever the rendered defaults are. Every
+    server is stopped afterwards.
     """
     import signal
     import subprocess
@@ -132,6 +133,9 @@ def mlflow_server(tmp_path: Path):
             **os.environ,
             f"{ENV_PREFIX}TRACKING_DIR": str(tmp_path / f"server-{port}"),
             f"{ENV_PREFIX}MLFLOW_PORT": str(port),
+            # SQLite and a folder unless the test names other stores, whatever the defaults.
+            f"{ENV_PREFIX}MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/server-{port}.db",
+            f"{ENV_PREFIX}MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / f"artifacts-{port}"),
             **(env or {}),
         }
         package = "{{ cookiecutter.package_name }}"

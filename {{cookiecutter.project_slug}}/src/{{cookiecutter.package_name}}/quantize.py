@@ -241,11 +241,21 @@ def gate_device() -> str:
 
 
 def schemes_for(quantization: str, everything: bool, device: str) -> list[str]:
-    if everything:
-        return list(CUDA_SCHEMES if device == "cuda" else CPU_SCHEMES)
-    if quantization == "auto":
-        return list(AUTO_ORDER[device])
-    return [quantization]
+    """The schemes `convert` tries. `auto` and `--all` leave out those this device cannot
+    compute (int16 needs CPU instructions some x86 CPUs lack); an explicit choice is kept,
+    so that its failure is reported."""
+    if quantization != "auto" and not everything:
+        return [quantization]
+    import ctranslate2
+
+    supported = ctranslate2.get_supported_compute_types(device)
+    candidates = (CUDA_SCHEMES if device == "cuda" else CPU_SCHEMES) if everything else None
+    candidates = candidates or AUTO_ORDER[device]
+    runnable = [s for s in candidates if ct2_types(s)[1] in supported]
+    skipped = [s for s in candidates if s not in runnable]
+    if skipped:
+        log.info("skipping %s: not computed efficiently on this %s", ", ".join(skipped), device)
+    return runnable
 
 
 def _context_window(hf_dir: Path) -> int:
