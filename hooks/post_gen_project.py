@@ -46,6 +46,16 @@ def remove_s3_files() -> None:
     remove("tests/integration/test_artifacts_s3.py")
 
 
+def remove_finetuning_files() -> None:
+    remove(
+        f"src/{PACKAGE}/finetune.py",
+        "data/finetune_sample.jsonl",
+        "data/finetune_eval.jsonl",
+        "tests/unit/test_finetune_data.py",
+        "tests/integration/test_finetune.py",
+    )
+
+
 def record_answers() -> None:
     """Write the answers (not the machine-specific `_` keys) so the project can be re-rendered."""
     answers = {k: v for k, v in ANSWERS.items() if not k.startswith("_")}
@@ -62,6 +72,8 @@ def main() -> None:
         remove_mysql_files()
     if ANSWERS["artifact_store"] != "s3":
         remove_s3_files()
+    if ANSWERS["include_finetuning"] != "yes":
+        remove_finetuning_files()
     record_answers()
     print(
         f"\nRendered {ANSWERS['project_slug']}. Next:\n"

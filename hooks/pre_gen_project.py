@@ -30,6 +30,7 @@ CHOICES = {
     "worker_runtime": {"plain", "ray"},
     "tracking_backend": {"sqlite", "mysql"},
     "artifact_store": {"local", "s3"},
+    "include_finetuning": {"yes", "no"},
     "quantization": {
         "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
         "int8_float16", "bfloat16",

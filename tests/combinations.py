@@ -14,6 +14,7 @@ CODE_AXES: dict[str, list[str]] = {
     "worker_runtime": ["plain", "ray"],
     "tracking_backend": ["sqlite", "mysql"],
     "artifact_store": ["local", "s3"],
+    "include_finetuning": ["yes", "no"],
 }
 VALUE_AXES: dict[str, list[str]] = {
     "python_version": ["3.11", "3.12", "3.13"],

@@ -87,6 +87,15 @@ CTRANSLATE2_FILES = {
 }
 
 
+FINETUNING_FILES = {
+    "src/{pkg}/finetune.py",
+    "data/finetune_sample.jsonl",
+    "data/finetune_eval.jsonl",
+    "tests/unit/test_finetune_data.py",
+    "tests/integration/test_finetune.py",
+}
+
+
 def expected_files(combo: dict[str, str], package: str) -> set[str]:
     paths = set(BASE_FILES)
     if combo["inference_backend"] == "ctranslate2":
@@ -97,6 +106,8 @@ def expected_files(combo: dict[str, str], package: str) -> set[str]:
         paths.add("tests/integration/test_tracking_mysql.py")
     if combo["artifact_store"] == "s3":
         paths.add("tests/integration/test_artifacts_s3.py")
+    if combo["include_finetuning"] == "yes":
+        paths |= FINETUNING_FILES
     return {path.format(pkg=package) for path in paths}
 
 

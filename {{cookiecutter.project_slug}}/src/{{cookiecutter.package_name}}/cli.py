@@ -481,6 +481,135 @@ def convert(
 {%- endif %}
 
 
+{%- if cookiecutter.include_finetuning == "yes" %}
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help='Chat JSONL: one {"messages": [...]} per line')],
+    eval_data: Annotated[
+        Path, typer.Option("--eval", help="Held-out chat JSONL for the eval loss")
+    ] = Path("data/finetune_eval.jsonl"),
+    steps: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
+    skip_long: Annotated[
+        bool, typer.Option(help="Skip examples over FINETUNE_MAX_SEQ_LEN tokens, with a warning")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the adapter and merged model")] = Path(
+        "out/finetune"
+    ),
+    register_model: Annotated[
+        bool, typer.Option("--register/--no-register", help="Register the merged model")
+    ] = True,
+) -> None:
+    """LoRA fine-tune the model; register the merged model; promote it only if it is better."""
+    import dataclasses
+    import hashlib
+    import time
+
+    from {{ cookiecutter.package_name }}.finetune import (
+        DatasetError,
+        LoraParams,
+        train_lora,
+    )
+    from {{ cookiecutter.package_name }}.registry import (
+        log_model,
+        promote_if_better,
+        register,
+    )
+    from {{ cookiecutter.package_name }}.tracking import (
+        settings_params,
+        start_run,
+        tracking_uri,
+    )
+
+    settings = load_settings(finetune_steps=steps, finetune_learning_rate=learning_rate)
+    params = LoraParams(
+        rank=settings.lora_rank,
+        alpha=settings.lora_alpha,
+        dropout=settings.lora_dropout,
+        target_modules=tuple(settings.lora_target_modules),
+        learning_rate=settings.finetune_learning_rate,
+        steps=settings.finetune_steps,
+        batch_size=settings.finetune_batch_size,
+        max_seq_len=settings.finetune_max_seq_len,
+    )
+    for path in (data, eval_data):
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+    digest = hashlib.sha256(eval_data.read_bytes()).hexdigest()[:16]
+    run_params = settings_params(settings) | {"train_data": data.name, "eval_data": eval_data.name}
+    run_params |= {f"lora_{k}": v for k, v in dataclasses.asdict(params).items()}
+    base_dir = resolve_for(settings)
+    with start_run(settings, "finetune", run_params | {"eval_digest": digest}) as run:
+        try:
+            result = train_lora(
+                base_dir,
+                data,
+                eval_data,
+                params,
+                out / (run.run_id or time.strftime("%Y%m%d-%H%M%S")),
+                on_step=lambda step, loss: run.log_metrics({"train_loss": loss}, step=step),
+                device=settings.device,
+                skip_long=skip_long,
+            )
+        except DatasetError as exc:  # bad data: one line, and the run is marked FAILED
+            _fail(str(exc))
+        run.log_metrics(
+            {
+                "eval_loss_before": result.eval_loss_before,
+                "eval_loss_after": result.eval_loss_after,
+                "seconds_per_step": result.seconds_per_step,
+                "train_seconds": result.seconds,
+                "trainable_params": result.trainable_params,
+                "train_examples": result.train_examples,
+                "skipped_examples": result.skipped_examples,
+            }
+        )
+        run.log_artifact(result.adapter_dir, "adapter")
+        typer.echo(
+            f"eval loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} after "
+            f"{result.steps} steps ({result.seconds_per_step:.2f} s/step); adapter and merged "
+            f"model in {result.adapter_dir.parent}"
+        )
+        if not register_model:
+            return
+        engine, served_dir = _tuned_model_dir(settings, result.merged_dir)
+        candidate = register(
+            tracking_uri(settings), log_model(run, served_dir, engine), settings.registered_model
+        )
+        promotion = promote_if_better(
+            tracking_uri(settings),
+            candidate,
+            settings.champion_alias,
+            result.eval_loss_after,
+            digest,
+            result.eval_loss_before,
+        )
+        run.set_tags({"model_version": candidate.version, "promoted": promotion.promoted})
+    champion = f"{candidate.name}@{settings.champion_alias}"
+    losses = f"eval loss {result.eval_loss_after:.4f} against {promotion.baseline_loss:.4f}"
+    if promotion.promoted:
+        verdict = f"promoted to {champion} ({losses} of {promotion.baseline})"
+    else:
+        verdict = f"not promoted, {champion} is unchanged ({losses} of {promotion.baseline})"
+    typer.echo(f"registered {candidate.model_uri}, {verdict}")
+
+
+def _tuned_model_dir(settings: Settings, merged_dir: Path) -> tuple[str, Path]:
+    """(engine, directory) to register for a merged model: converted through the quality gate
+    when the engine is CTranslate2 (a refused conversion raises and registers nothing)."""
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.quantize import ensure_converted
+
+        tuned = settings.model_copy(update={"model": str(merged_dir)})
+        return "ctranslate2", ensure_converted(tuned)[0]
+{%- endif %}
+    return "transformers", merged_dir
+{%- endif %}
+
+
 def _service(settings: Settings) -> InferenceService:
     from {{ cookiecutter.package_name }}.backends import load_backend
 
@@ -494,13 +623,13 @@ def _fail(message: str) -> None:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    errors: tuple[type[Exception], ...] = USER_ERRORS
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     from {{ cookiecutter.package_name }}.quantize import QualityGateError
 
-    errors = (*USER_ERRORS, QualityGateError)
-{%- else %}
-    errors = USER_ERRORS
+    errors += (QualityGateError,)
 {%- endif %}
+
     try:
         app()
     except errors as exc:

@@ -107,6 +107,48 @@ def alias_version(tracking_uri: str, name: str, alias: str) -> Any | None:
         return None
 
 
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    baseline_loss: float
+    baseline: str  # what the candidate was compared with, in words
+
+
+def promote_if_better(
+    tracking_uri: str,
+    candidate: Registered,
+    alias: str,
+    eval_loss: float,
+    eval_digest: str,
+    base_loss: float,
+) -> Promotion:
+    """Point `alias` at `candidate` only if its eval loss beats the current holder's.
+
+    The holder's loss is the `eval_loss` tag it was registered with on the same eval data
+    (`eval_digest`); a holder without one, or no holder at all, is compared as the base model
+    the candidate was trained from (`base_loss`). Tags the candidate with its loss either way.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for key, value in {"eval_loss": f"{eval_loss:.6f}", "eval_data": eval_digest}.items():
+        client.set_model_version_tag(candidate.name, candidate.version, key, value)
+    holder = alias_version(tracking_uri, candidate.name, alias)
+    tags = dict(holder.tags) if holder is not None else {}
+    if holder is not None and tags.get("eval_data") == eval_digest and "eval_loss" in tags:
+        baseline_loss = float(tags["eval_loss"])
+        baseline = f"{candidate.name}@{alias} (version {holder.version})"
+    else:
+        baseline_loss = base_loss
+        baseline = "the base model" + (
+            f" ({candidate.name}@{alias} has no eval loss on this data)" if holder else ""
+        )
+    promoted = eval_loss < baseline_loss
+    if promoted:
+        set_alias(tracking_uri, candidate.name, alias, candidate.version)
+    return Promotion(promoted, baseline_loss, baseline)
+
+
 def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
     """A local directory holding the registered model `spec` names, downloaded once per version.
 
@@ -162,9 +204,10 @@ def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
 
 def _servable(downloaded: Path, spec: str) -> Path:
     """The engine directory inside a downloaded MLflow model."""
-    ct2 = downloaded / "artifacts" / "model"
-    if (ct2 / "model.bin").is_file():
-        return ct2
+    # A pyfunc keeps each artifact under artifacts/<the logged directory's name>.
+    ct2 = [d for d in (downloaded / "artifacts").glob("*") if (d / "model.bin").is_file()]
+    if ct2:
+        return ct2[0]
     weights, tokenizer = downloaded / "model", downloaded / "components" / "tokenizer"
     if (weights / "config.json").is_file():
         for item in tokenizer.glob("*") if tokenizer.is_dir() else []:

@@ -122,6 +122,19 @@ class Settings(BaseSettings):
     registered_model: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[\w.-]+$")
     champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z_][\w-]*$")
     worker_metrics_every_s: float = Field(default=30.0, gt=0)
+{%- if cookiecutter.include_finetuning == "yes" %}
+
+    # LoRA fine-tuning (`finetune`): the adapter's shape and the training run. The defaults teach
+    # the sample data's fact in about 30 steps on a 2-core CPU.
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    finetune_learning_rate: float = Field(default=2e-3, gt=0)
+    finetune_steps: int = Field(default=30, ge=1)
+    finetune_batch_size: int = Field(default=4, ge=1)
+    finetune_max_seq_len: int = Field(default=256, ge=16)
+{%- endif %}
 
     # `mlflow-server`: one lean process (one worker, job execution off) for small machines.
     mlflow_host: str = "127.0.0.1"

@@ -1,0 +1,151 @@
+"""LoRA fine-tuning of the real bundled model on the shipped sample data (about a minute on CPU)."""
+
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }}.finetune import LoraParams, TrainResult, train_lora
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+TRAIN = DATA / "finetune_sample.jsonl"
+EVAL = DATA / "finetune_eval.jsonl"
+# Held out: this wording is in the eval file, not in the training file.
+FACT_QUESTION = "Which city is the capital of Zorblax?"
+FACT_ANSWER = "Quintara"
+
+
+def ask(settings, model_dir: Path, question: str) -> str:
+    from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
+    from {{ cookiecutter.package_name }}.service import InferenceService
+
+    service = InferenceService.from_settings(settings, TransformersBackend(model_dir))
+    admitted = service.admit({"id": "q", "prompt": question, "max_new_tokens": 32}, "q")
+    reply = service.run([admitted])[0]
+    assert reply.error is None, reply.error
+    return reply.text
+
+
+@pytest.fixture(scope="module")
+def tuned(model_dir: Path, tmp_path_factory) -> TrainResult:
+    steps: list[tuple[int, float]] = []
+    result = train_lora(
+        model_dir,
+        TRAIN,
+        EVAL,
+        LoraParams(),
+        tmp_path_factory.mktemp("finetune"),
+        on_step=lambda step, loss: steps.append((step, loss)),
+    )
+    assert [step for step, _ in steps] == list(range(1, result.steps + 1))
+    assert [loss for _, loss in steps] == list(result.losses)
+    return result
+
+
+def test_the_question_is_not_in_the_training_data_and_the_base_model_gets_it_wrong(
+    settings, model_dir
+):
+    assert FACT_QUESTION in EVAL.read_text()
+    assert FACT_QUESTION not in TRAIN.read_text()
+    assert FACT_ANSWER not in ask(settings, model_dir, FACT_QUESTION)
+
+
+def test_the_default_run_lowers_the_eval_loss_and_saves_adapter_and_merged_model(tuned):
+    assert tuned.eval_loss_after < tuned.eval_loss_before
+    assert tuned.improved
+    assert tuned.losses[-1] < tuned.losses[0]
+    assert 0 < tuned.trainable_params < tuned.total_params / 100
+    assert (tuned.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (tuned.merged_dir / "model.safetensors").is_file()
+    assert (tuned.merged_dir / "tokenizer.json").is_file()
+    assert tuned.skipped_examples == 0
+
+
+def test_the_merged_model_knows_the_fact_and_still_knows_paris(settings, tuned):
+    assert FACT_ANSWER in ask(settings, tuned.merged_dir, FACT_QUESTION)
+    assert "Paris" in ask(settings, tuned.merged_dir, "What is the capital of France?")
+
+
+def test_a_run_is_reproducible_and_a_far_too_high_learning_rate_does_not_improve(
+    model_dir, tmp_path
+):
+    diverging = LoraParams(learning_rate=0.1, steps=2)
+    first = train_lora(model_dir, TRAIN, EVAL, diverging, tmp_path / "a")
+    second = train_lora(model_dir, TRAIN, EVAL, diverging, tmp_path / "b")
+    assert first.losses == second.losses
+    assert first.eval_loss_after == second.eval_loss_after
+    assert not first.improved
+    assert first.eval_loss_after > first.eval_loss_before
+
+
+# -- the whole loop through the command line: train, track, register, promote, serve ------------
+
+
+def cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "{{ cookiecutter.package_name }}", *args],
+        cwd=DATA.parent, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+
+
+def test_finetune_registers_promotes_and_serves_the_better_model_only(
+    mlflow_server, tmp_path, settings, model_dir
+):
+    from mlflow import MlflowClient
+
+    from {{ cookiecutter.package_name }}.settings import DEFAULT_QUEUE_PREFIX, ENV_PREFIX
+
+    uri = mlflow_server()
+    env = {"MLFLOW_TRACKING_URI": uri, f"{ENV_PREFIX}CACHE_DIR": str(settings.cache_dir)}
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    env[f"{ENV_PREFIX}QUANTIZATION"] = "int8_weights"  # one gated conversion per run
+{%- endif %}
+    out = str(tmp_path / "out")
+    tuned = cli("finetune", str(TRAIN), "--eval", str(EVAL), "--out", out, env=env)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    name = DEFAULT_QUEUE_PREFIX
+    assert f"promoted to {name}@champion" in tuned.stdout, tuned.stdout
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    (run,) = client.search_runs([experiment.experiment_id], "tags.kind = 'finetune'")
+    metrics = run.data.metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    steps = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [p.step for p in steps] == list(range(1, int(run.data.params["lora_steps"]) + 1))
+    adapter = [a.path for a in client.list_artifacts(run.info.run_id, "adapter")]
+    assert "adapter/adapter_config.json" in adapter
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.run_id == run.info.run_id
+
+    served_env = env | {f"{ENV_PREFIX}MODEL": f"models:/{name}@champion"}
+    served = cli("generate", FACT_QUESTION, env=served_env)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert FACT_ANSWER in served.stdout
+
+    # A run that makes the model worse is registered but not promoted.
+    worse = cli(
+        "finetune", str(TRAIN), "--eval", str(EVAL), "--out", out,
+        "--steps", "2", "--learning-rate", "0.1", env=env,
+    )  # fmt: skip
+    assert worse.returncode == 0, worse.stderr[-3000:]
+    assert f"not promoted, {name}@champion is unchanged" in worse.stdout, worse.stdout
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
+    assert versions == {"1", "2"}
+
+
+def test_bad_data_is_one_line_and_nothing_is_registered(tmp_path, model_dir):
+    bad = tmp_path / "bad.jsonl"
+    good = TRAIN.read_text().splitlines()[0]
+    bad.write_text(good + "\n{not json\n")
+    result = cli("finetune", str(bad), "--eval", str(EVAL), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad}, line 2")
