@@ -50,17 +50,15 @@ def broker(settings: Settings) -> str:
     import pika
     from pika.exceptions import AMQPError
 
-    from {{ cookiecutter.package_name }}.queue.topology import (
-        connection_parameters,
-        redact,
-    )
+    from {{ cookiecutter.package_name }}.queue.topology import connection_parameters
+    from {{ cookiecutter.package_name }}.settings import redact_url
 
     try:
         pika.BlockingConnection(connection_parameters(settings.rabbitmq_url, 30)).close()
     except (AMQPError, OSError) as exc:
         message = (
-            f"RabbitMQ is unreachable at {redact(settings.rabbitmq_url)} ({type(exc).__name__}); "
-            "start it with `docker compose up -d rabbitmq`"
+            f"RabbitMQ is unreachable at {redact_url(settings.rabbitmq_url)} "
+            f"({type(exc).__name__}); start it with `docker compose up -d rabbitmq`"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from {{ cookiecutter.package_name }}.settings import Settings
-from {{ cookiecutter.package_name }}.tracking import local_store, redact_uri
+from {{ cookiecutter.package_name }}.settings import Settings, redact_url
+from {{ cookiecutter.package_name }}.tracking import local_store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def serve(settings: Settings) -> int:
     log.info(
         "MLflow server on http://%s:%d: backend store %s, artifacts %s",
         settings.mlflow_host, settings.mlflow_port,
-        redact_uri(env["MLFLOW_BACKEND_STORE_URI"]), artifacts_destination(settings),
+        redact_url(env["MLFLOW_BACKEND_STORE_URI"]), artifacts_destination(settings),
     )  # fmt: skip
     child = subprocess.Popen(command, env=os.environ | env)
     try:
@@ -103,7 +103,7 @@ def _create_mysql_database(uri: str) -> None:
         )
     except pymysql.MySQLError as exc:
         raise ServerSetupError(
-            f"MySQL at {redact_uri(uri)} is unreachable ({exc.args[-1]}); "
+            f"MySQL at {redact_url(uri)} is unreachable ({exc.args[-1]}); "
             "start it with `docker compose up -d mysql`"
         ) from None
     with connection, connection.cursor() as cursor:

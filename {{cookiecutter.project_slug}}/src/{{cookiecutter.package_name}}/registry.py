@@ -6,6 +6,7 @@ A transformers model is logged with the transformers flavor; a CTranslate2 model
 from a code file (`ct2_pyfunc.py`: a `Generator` cannot be pickled), with the package's code.
 """
 
+import hashlib
 import json
 import logging
 import re
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from {{ cookiecutter.package_name }}.model_source import COMPLETE_MARKER, ModelSourceError
-from {{ cookiecutter.package_name }}.tracking import Run, redact_uri
+from {{ cookiecutter.package_name }}.settings import redact_url
+from {{ cookiecutter.package_name }}.tracking import Run
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -178,9 +180,11 @@ def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
     except MlflowException as exc:
         first = (str(exc).strip().splitlines() or ["not found"])[0][:200]
         raise ModelSourceError(
-            f"model {spec!r} is not in the registry at {redact_uri(tracking_uri)}: {first}"
+            f"model {spec!r} is not in the registry at {redact_url(tracking_uri)}: {first}"
         ) from None
-    target = models_dir / "registry" / name / f"v{found.version}"
+    # Versions are numbered per registry: the key names the registry and what was registered.
+    origin = hashlib.sha256(f"{tracking_uri}\n{found.source}".encode()).hexdigest()[:10]
+    target = models_dir / "registry" / name / f"v{found.version}-{origin}"
     if (target / COMPLETE_MARKER).is_file():
         return target
     log.info("downloading %s (version %s) from the registry", spec, found.version)
@@ -190,7 +194,11 @@ def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
 
         downloaded = Path(
             mlflow.artifacts.download_artifacts(
-                f"models:/{name}/{found.version}", dst_path=tmp, tracking_uri=tracking_uri
+                # Not models:/...: MLflow resolves that in the default registry, whatever
+                # registry_uri says. The version's own location, from this registry's client.
+                client.get_model_version_download_uri(name, found.version),
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
             )
         )
         staged = _servable(downloaded, spec)

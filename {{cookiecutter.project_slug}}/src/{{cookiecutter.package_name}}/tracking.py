@@ -17,9 +17,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from {{ cookiecutter.package_name }}.settings import Settings
+from {{ cookiecutter.package_name }}.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,6 @@ def local_store(settings: Settings) -> Path:
     return settings.tracking_dir.expanduser().resolve()
 
 
-def redact_uri(uri: str) -> str:
-    """`uri` without the password of its user part, for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingError if `uri` is an HTTP tracking server that does not answer /health."""
     if not uri.startswith(("http://", "https://")):
@@ -67,7 +57,7 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         cause = getattr(exc, "reason", exc)  # "Connection refused", not "[Errno 111] ..."
         reason = getattr(cause, "strerror", None) or str(cause)
     raise TrackingError(
-        f"the MLflow tracking server at {redact_uri(uri)} is unreachable ({reason}); start it "
+        f"the MLflow tracking server at {redact_url(uri)} is unreachable ({reason}); start it "
         "with `make mlflow-server`, or unset MLFLOW_TRACKING_URI to track into the local store"
     )
 
@@ -181,7 +171,7 @@ def start_run(
     except MlflowException as exc:
         raise TrackingError(f"MLflow refused to open a run: {_first_line(exc)}") from None
     handle = Run(client, run.info.run_id)
-    log.info("tracking %s run %s in %s", kind, handle.run_id, redact_uri(tracking_uri(settings)))
+    log.info("tracking %s run %s in %s", kind, handle.run_id, redact_url(tracking_uri(settings)))
     if params:
         handle.log_params(params)
     status = "FAILED"

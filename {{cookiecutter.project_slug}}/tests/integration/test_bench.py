@@ -41,6 +41,22 @@ def test_bench_reports_each_mode_against_the_naive_baseline(tmp_path, model_dir)
         assert float(row["inputs_per_s"]) > 0 and float(row["peak_rss_mib"]) > 100
     assert "| naive |" in stdout and "| batched |" in stdout and "GB/s" in stdout
 
+    # The same numbers, the CSV and the plot are in an MLflow run.
+    from mlflow import MlflowClient
+
+    from {{ cookiecutter.package_name }}.settings import DEFAULT_QUEUE_PREFIX
+
+    run_id = stdout.rsplit("tracked as MLflow run ", 1)[1].split()[0]
+    client = MlflowClient(f"sqlite:///{os.environ[f'{ENV_PREFIX}TRACKING_DIR']}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.data.tags["kind"] == "bench" and run.data.params["modes"] == "naive,batched"
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_QUEUE_PREFIX
+    for row in rows:
+        logged = run.data.metrics[f"{row['mode']}.inputs_per_s"]
+        assert abs(logged - float(row["inputs_per_s"])) < 1e-9
+    files = {a.path for a in client.list_artifacts(run_id, "bench")}
+    assert {"bench/results.csv", "bench/results.json", "bench/bench.png"} <= files
+
 
 @pytest.mark.rabbitmq
 def test_bench_measures_the_worker_closed_idle_and_open_loop(tmp_path, broker, model_dir):

@@ -79,6 +79,16 @@ def test_a_batch_run_is_tracked_in_the_local_store_without_a_server(tmp_path, mo
     check_batch_run(MlflowClient(f"sqlite:///{store / 'mlflow.db'}"), target, tmp_path)
 
 
+def test_the_local_store_has_a_registry_too(tmp_path, model_dir):
+    env = {f"{ENV_PREFIX}TRACKING_DIR": str(tmp_path / "mlruns")}
+    registered = cli("model", "register", env=env)
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    champion = {f"{ENV_PREFIX}MODEL": f"models:/{DEFAULT_QUEUE_PREFIX}@champion"}
+    served = cli("generate", "What is the capital of France?", env=env | champion)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert "Paris" in served.stdout
+
+
 def test_a_batch_run_is_tracked_by_a_real_mlflow_server(mlflow_server, tmp_path, model_dir):
     uri = mlflow_server()
     target = tmp_path / "replies.jsonl"
@@ -132,7 +142,7 @@ def test_the_registered_champion_is_what_the_batch_job_serves(
     assert served.returncode == 0, served.stderr[-3000:]
     replies = {r["id"]: r for r in map(json.loads, target.read_text().splitlines())}
     assert "Paris" in replies["france"]["text"]
-    assert (fresh / "models" / "registry" / name / "v1").is_dir()
+    assert [p.name[:3] for p in (fresh / "models" / "registry" / name).iterdir()] == ["v1-"]
     batch_run = runs_of(client, "batch")[0]
     assert batch_run.data.params["model"] == f"models:/{name}@champion"
     assert "registry" in batch_run.data.params["model_dir"]
@@ -145,10 +155,16 @@ def test_the_registered_champion_is_what_the_batch_job_serves(
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 
     # The CTranslate2 model is an MLflow pyfunc (logged from a code file): it loads and answers.
+    # Downloaded first: mlflow.set_tracking_uri would export the URI to later tests' children.
+    import mlflow.artifacts
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(uri)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    local = mlflow.artifacts.download_artifacts(
+        client.get_model_version_download_uri(name, champion.version),
+        dst_path=str(tmp_path / "pyfunc"),
+        tracking_uri=uri,
+    )
+    pyfunc = mlflow.pyfunc.load_model(local)
     assert "Paris" in pyfunc.predict(["What is the capital of France?"])[0]
 {%- endif %}
 
@@ -157,7 +173,7 @@ def test_the_registered_champion_is_what_the_batch_job_serves(
 def test_the_worker_logs_its_metrics_every_interval(tmp_path, broker, prefix, model_dir):
     store = tmp_path / "mlruns"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
         f"{ENV_PREFIX}TRACKING_DIR": str(store),
         f"{ENV_PREFIX}QUEUE_PREFIX": prefix,
         f"{ENV_PREFIX}WORKER_METRICS_EVERY_S": "1",

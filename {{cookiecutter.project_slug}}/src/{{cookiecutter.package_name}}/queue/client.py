@@ -24,8 +24,8 @@ from {{ cookiecutter.package_name }}.queue.topology import (
     connection_parameters,
     declare,
     declare_reply_queue,
-    redact,
 )
+from {{ cookiecutter.package_name }}.settings import redact_url
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
@@ -190,7 +190,7 @@ class Client:
             except CONNECTION_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise BrokerUnavailableError(
-                        f"RabbitMQ is unreachable at {redact(self.url)} "
+                        f"RabbitMQ is unreachable at {redact_url(self.url)} "
                         f"({str(exc) or type(exc).__name__}); start it with "
                         "`docker compose up -d rabbitmq`"
                     ) from None

@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 
@@ -65,12 +64,3 @@ def connection_parameters(url: str, heartbeat_s: int) -> pika.URLParameters:
     parameters.blocked_connection_timeout = max(60, 4 * heartbeat_s)
     parameters.connection_attempts = 1  # the caller retries with backoff
     return parameters
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

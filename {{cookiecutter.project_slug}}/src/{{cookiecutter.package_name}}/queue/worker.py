@@ -25,10 +25,9 @@ from {{ cookiecutter.package_name }}.queue.topology import (
     Names,
     connection_parameters,
     declare,
-    redact,
 )
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
-from {{ cookiecutter.package_name }}.settings import Settings
+from {{ cookiecutter.package_name }}.settings import Settings, redact_url
 from {{ cookiecutter.package_name }}.stats import Summary, summarize
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,7 @@ class _Session:
         self.thread.start()
         log.info(
             "consuming %s on %s (prefetch %d, heartbeat %d s)",
-            names.requests, redact(settings.rabbitmq_url), prefetch, settings.heartbeat_s,
+            names.requests, redact_url(settings.rabbitmq_url), prefetch, settings.heartbeat_s,
         )  # fmt: skip
         last_report = time.monotonic()
         while not self.worker._stop.is_set():
