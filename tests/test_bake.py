@@ -188,10 +188,13 @@ def test_docker_compose_has_the_mlflow_server_and_the_stores_the_options_ask_for
     answers = json.loads((project / ".cookiecutter.json").read_text())
     services = yaml.safe_load((project / "docker-compose.yml").read_text())["services"]
     mlflow = services["mlflow"]
-    assert mlflow["command"][0] == "mlflow-server" and "/health" in mlflow["healthcheck"]["test"][-1]
+    assert mlflow["command"][0] == "mlflow-server"
+    assert "/health" in mlflow["healthcheck"]["test"][-1]
     environment = " ".join(f"{k}={v}" for k, v in mlflow["environment"].items())
-    stores = {"mysql": answers["tracking_backend"] == "mysql", "minio": False}
-    stores["minio"] = answers["artifact_store"] == "s3"
+    stores = {
+        "mysql": answers["tracking_backend"] == "mysql",
+        "minio": answers["artifact_store"] == "s3",
+    }
     for store, wanted in stores.items():
         assert (store in services) == wanted, f"{store} service: expected {wanted}"
         if wanted:
