@@ -71,6 +71,7 @@ BASE_FILES = {
     "tests/unit/test_messages.py",
     "tests/unit/test_prompts.py",
     "tests/unit/test_settings.py",
+    "tests/unit/test_tracking.py",
 }
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from {{ cookiecutter.package_name }}.model_source import COMPLETE_MARKER, ModelSourceError
-from {{ cookiecutter.package_name }}.settings import redact_url
-from {{ cookiecutter.package_name }}.tracking import Run
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, redact_url
+from {{ cookiecutter.package_name }}.tracking import Run, TrackingError
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,7 +48,12 @@ def log_model(run: Run, model_dir: Path, engine: str) -> str:
     """Log the model in `model_dir` to `run` as an MLflow model; return its model URI.
 
     `engine` is "transformers" (a Hugging Face directory) or "ctranslate2" (a converted one).
+    Raises TrackingError when tracking is off: a registered model needs its run.
     """
+    if not run.run_id:
+        raise TrackingError(
+            f"registering a model needs MLflow tracking; unset {ENV_PREFIX}TRACKING=false"
+        )
     import mlflow
 
     mlflow.set_tracking_uri(run.client.tracking_uri)
