@@ -67,6 +67,7 @@ BASE_FILES = {
     "tests/integration/test_queue.py",
     "tests/integration/test_tracking.py",
     "tests/unit/__init__.py",
+    "tests/unit/chat_templates.py",
     "tests/unit/test_batching.py",
     "tests/unit/test_messages.py",
     "tests/unit/test_prompts.py",

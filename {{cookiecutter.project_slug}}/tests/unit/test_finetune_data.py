@@ -22,19 +22,8 @@ from {{ cookiecutter.package_name }}.finetune import (
 )
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 
+from .chat_templates import CHATML, jinja
 
-def jinja(text):
-    """Spell Jinja markers as <% %> and << >> so that no rendered file holds a raw marker."""
-    marks = {"<%": "{" + "%", "%>": "%" + "}", "<<": "{" + "{", ">>": "}" + "}"}
-    for mark, real in marks.items():
-        text = text.replace(mark, real)
-    return text
-
-
-CHATML = jinja(
-    "<% for m in messages %><|im_start|><< m['role'] >>\n<< m['content'] >><|im_end|>\n<% endfor %>"
-    "<% if add_generation_prompt %><|im_start|>assistant\n<% endif %>"
-)
 # Like SmolLM2's: a default system turn when the chat has none.
 CHATML_WITH_DEFAULT_SYSTEM = jinja(
     "<% for m in messages %><% if loop.first and m['role'] != 'system' %>"

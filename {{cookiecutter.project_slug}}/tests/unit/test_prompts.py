@@ -7,19 +7,8 @@ from transformers import PreTrainedTokenizerFast
 from {{ cookiecutter.package_name }}.messages import RequestError, parse_request
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PromptBuilder
 
+from .chat_templates import CHATML
 
-def jinja(text: str) -> str:
-    """Spell Jinja markers as <% %> and << >> so that no rendered file holds a raw marker."""
-    marks = {"<%": "{" + "%", "%>": "%" + "}", "<<": "{" + "{", ">>": "}" + "}"}
-    for mark, real in marks.items():
-        text = text.replace(mark, real)
-    return text
-
-
-CHATML = jinja(
-    "<% for m in messages %><|im_start|><< m['role'] >>\n<< m['content'] >><|im_end|>\n<% endfor %>"
-    "<% if add_generation_prompt %><|im_start|>assistant\n<% endif %>"
-)
 DEFAULTS = GenerationParams(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None, stop=())
 
 
