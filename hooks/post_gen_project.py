@@ -26,9 +26,7 @@ def remove_ctranslate2_files() -> None:
         f"src/{PACKAGE}/backends/ct2.py",
         f"src/{PACKAGE}/ct2_pyfunc.py",
         f"src/{PACKAGE}/quantize.py",
-        f"src/{PACKAGE}/quality.py",
         f"src/{PACKAGE}/tokenizer.py",
-        f"src/{PACKAGE}/evalset",
         "tests/unit/test_ct2.py",
         "tests/integration/test_ctranslate2.py",
     )

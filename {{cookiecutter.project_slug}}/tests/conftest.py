@@ -15,6 +15,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 for _name in ("MLFLOW_TRACKING_URI", f"{ENV_PREFIX}TRACKING_URI"):
     os.environ.pop(_name, None)
 os.environ[f"{ENV_PREFIX}TRACKING_DIR"] = tempfile.mkdtemp(prefix="mlruns-test-")
+# The tests compare texts exactly (batched against one at a time, worker against job): float32,
+# whose padded batches match one at a time, not `auto` (bfloat16 on a CPU with the
+# instructions). tests/integration/test_precision.py tests `auto` itself.
+os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

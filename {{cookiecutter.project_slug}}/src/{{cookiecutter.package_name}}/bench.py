@@ -4,12 +4,15 @@ Each in-process mode runs in a child process of its own, so its peak memory is i
 mode warms the caches of the next. Greedy decoding, a fixed `max_new_tokens`, a warm-up before
 timing, and only generated tokens counted. Modes:
 
-- `naive`: transformers, one request at a time: the baseline every ratio is taken against;
-- `batched`: transformers with the dynamic batcher, all requests at once (closed loop);
+- `naive`: transformers in float32, one request at a time: the baseline of every ratio;
+- `batched`: the same float32 model with the dynamic batcher, all requests at once (closed loop);
+- `batched-bf16`: the same in bfloat16, where `dtype=auto` would choose it (a CPU with bfloat16
+  instructions whose gate passed, or CUDA);
 - `ct2-<scheme>`: CTranslate2 with each published scheme that passed the quality gate;
 - `worker`: end to end through RabbitMQ and one worker process (closed loop), then its latency
   when idle (one request at a time) and under an open-loop Poisson load at a fraction of the
-  saturation rate it just measured;
+  saturation rate it just measured; it serves with the configured engine, so its throughput is
+  compared with the in-process mode of that engine;
 - `worker-ray`: the same through `worker --replicas 2`, where Ray is rendered.
 """
 
@@ -35,6 +38,8 @@ from {{ cookiecutter.package_name }}.stats import percentile
 
 log = logging.getLogger(__name__)
 PACKAGE = __name__.rpartition(".")[0]
+CT2 = {{ "True" if cookiecutter.inference_backend == "ctranslate2" else "False" }}
+RAY = {{ "True" if cookiecutter.worker_runtime == "ray" else "False" }}
 
 
 @dataclass
@@ -115,8 +120,9 @@ def _backend(mode: str, settings: Settings) -> Any:
     """The engine of a mode, loaded by the same factory as the service's."""
     from {{ cookiecutter.package_name }}.backends import load_backend
 
-    if mode in ("naive", "batched"):
-        return load_backend(settings.model_copy(update={"backend": "transformers"}))
+    if mode in ("naive", "batched", "batched-bf16"):
+        dtype = "bfloat16" if mode == "batched-bf16" else "float32"
+        return load_backend(settings.model_copy(update={"backend": "transformers", "dtype": dtype}))
     if mode.startswith("ct2-"):
         scheme = mode.removeprefix("ct2-")
         ct2 = {"backend": "ctranslate2", "quantization": scheme}
@@ -273,9 +279,53 @@ def _tree_peak_rss_mib(root: int) -> float:
     return total_kib / 1024
 
 
+WORKER_MODES = ("worker", "worker-ray") if RAY else ("worker",)
+
+
+def check_modes(modes: list[str]) -> None:
+    """Raise ValueError naming the first mode this project does not have."""
+    known = {"naive", "batched", "batched-bf16", *WORKER_MODES}
+    for mode in modes:
+        if mode not in known and not _is_ct2_mode(mode):
+            listed = ", ".join([*sorted(known), *(["ct2-<scheme>"] if CT2 else [])])
+            raise ValueError(f"unknown bench mode {mode!r}; modes: {listed}")
+
+
+def _is_ct2_mode(mode: str) -> bool:
+    if not (CT2 and mode.startswith("ct2-")):
+        return False
+    from {{ cookiecutter.package_name }}.quantize import CPU_SCHEMES, CUDA_SCHEMES
+
+    return mode.removeprefix("ct2-") in CPU_SCHEMES + CUDA_SCHEMES
+
+
+def engine_mode(settings: Settings) -> str:
+    """The in-process mode computing like the configured engine, the one the worker serves with."""
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.quantize import find_published
+
+        found = find_published(settings)
+        return f"ct2-{found[1] if found else settings.quantization}"
+{%- endif %}
+    return "batched-bf16" if _auto_is_bf16(settings) else "batched"
+
+
+def _auto_is_bf16(settings: Settings) -> bool:
+    from {{ cookiecutter.package_name }}.backends.hf import pick_device
+    from {{ cookiecutter.package_name }}.model_source import resolve_for
+    from {{ cookiecutter.package_name }}.precision import resolve_dtype
+
+    device = pick_device(settings.device).type
+    return resolve_dtype(settings, resolve_for(settings), device) == "bfloat16"
+
+
 def default_modes(settings: Settings) -> list[str]:
-    """naive, batched, every CTranslate2 scheme published as passing the gate, the worker(s)."""
+    """naive, batched, batched-bf16 where `auto` would pick it, every CTranslate2 scheme
+    published as passing the gate, the worker(s)."""
     modes = ["naive", "batched"]
+    if _auto_is_bf16(settings.model_copy(update={"dtype": "auto"})):
+        modes.append("batched-bf16")
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     from {{ cookiecutter.package_name }}.quantize import (
         CPU_SCHEMES,
@@ -288,11 +338,7 @@ def default_modes(settings: Settings) -> list[str]:
         if meta.is_file() and json.loads(meta.read_text())["gate"]["passed"]:
             modes.append(f"ct2-{scheme}")
 {%- endif %}
-    modes.append("worker")
-{%- if cookiecutter.worker_runtime == "ray" %}
-    modes.append("worker-ray")
-{%- endif %}
-    return modes
+    return modes + list(WORKER_MODES)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -348,6 +394,27 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def headline(results: list[ModeResult], engine: str) -> list[str]:
+    """The three ratios the benchmark exists for, each from this run's own numbers."""
+    by_mode = {r.mode: r for r in results}
+    lines = []
+    naive = by_mode.get("naive")
+    engines = [r for r in results if r.mode != "naive" and not r.mode.startswith("worker")]
+    if naive and engines:
+        best = max(engines, key=lambda r: r.inputs_per_s)
+        ratio = best.inputs_per_s / naive.inputs_per_s
+        lines.append(f"best engine: {best.mode}, {ratio:.2f}x naive")
+    for name in WORKER_MODES:
+        closed, idle, loaded = (by_mode.get(f"{name}{s}") for s in ("", "-idle", "-open"))
+        if closed and engine in by_mode:
+            ratio = closed.inputs_per_s / by_mode[engine].inputs_per_s
+            lines.append(f"{name}: {ratio:.2f} of the in-process {engine} (the same engine)")
+        if idle and loaded and idle.latencies_ms and loaded.latencies_ms:
+            p95, p50 = percentile(loaded.latencies_ms, 95), percentile(idle.latencies_ms, 50)
+            lines.append(f"{name}: open-loop p95 {p95 / p50:.2f}x the idle p50 ({loaded.note})")
+    return lines
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -403,6 +403,10 @@ def bench(
         return
     count = len(read_requests(prompts))
     chosen = modes.split(",") if modes else b.default_modes(settings)
+    try:
+        b.check_modes(chosen)
+    except ValueError as exc:
+        _fail(str(exc))
     typer.echo(f"bench: {count} prompts, {max_new_tokens} new tokens, greedy; modes {chosen}")
     params = settings_params(settings) | {"prompts": prompts.name, "prompt_count": count}
     params |= {"bench_max_new_tokens": max_new_tokens, "modes": ",".join(chosen), "load": load}
@@ -421,6 +425,9 @@ def bench(
         typer.echo(b.markdown_table(rows))
         bandwidth = b.memory_bandwidth_gb_s()
         typer.echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s")
+        engine = b.engine_mode(settings) if set(chosen) & set(b.WORKER_MODES) else ""
+        for line in b.headline(results, engine):
+            typer.echo(line)
         for row in rows:
             numbers = {k: v for k, v in row.items() if isinstance(v, int | float)}
             run.log_metrics({f"{row['mode']}.{k}": v for k, v in numbers.items()})
@@ -457,11 +464,11 @@ def convert(
     hf_dir = resolve_for(settings)
     if diagnose:
         from {{ cookiecutter.package_name }}.quality import (
+            EVAL_DIR,
             EvalSet,
             Reference,
             diagnose_int8,
         )
-        from {{ cookiecutter.package_name }}.quantize import EVAL_DIR
 
         rows = diagnose_int8(Reference(hf_dir, EvalSet.load(EVAL_DIR)))
         typer.echo("| int8 simulated on | top-1 agreement |\n| --- | --- |")

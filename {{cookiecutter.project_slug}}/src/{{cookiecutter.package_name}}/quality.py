@@ -1,4 +1,7 @@
-"""The quality gate: how far a converted CTranslate2 model is from its float reference.
+"""The quality gate: how far a cheaper engine is from its float32 reference.
+
+The engine is a converted CTranslate2 model, or the same transformers model computing in a
+narrower dtype (`TorchEngine`: bfloat16 on a CPU that has bfloat16 instructions).
 
 Measured on the evaluation set shipped in the package (evalset/): teacher-forced next-token
 top-1 agreement and KL divergence on the reference's own greedy answers, the perplexity ratio
@@ -13,11 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from {{ cookiecutter.package_name }}.messages import parse_request
+
+EVAL_DIR = Path(__file__).resolve().parent / "evalset"  # shipped inside the package
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,15 @@ class Thresholds:
     max_ppl_ratio: float = 1.02
     max_facts_lost: int = 0
     min_exact_match: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Thresholds":
+        return cls(
+            min_top1=settings.gate_min_top1,
+            max_ppl_ratio=settings.gate_max_ppl_ratio,
+            max_facts_lost=settings.gate_max_facts_lost,
+            min_exact_match=settings.gate_min_exact_match,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class Reference:
 
         self.torch = torch
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
+        self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.eval_set = eval_set
@@ -130,7 +146,11 @@ def evaluate(
     thresholds: Thresholds,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> GateReport:
-    """Compare a loaded `ctranslate2.Generator` with the reference; return the gate's verdict."""
+    """Compare an engine with the reference; return the gate's verdict.
+
+    `generator` is a loaded `ctranslate2.Generator` or anything with the same three calls on
+    token strings: `forward_batch`, `score_batch` and `generate_batch` (see `TorchEngine`).
+    """
     tok = reference.tokenizer
     agree = total = 0
     kls = []
@@ -197,6 +217,56 @@ def evaluate(
         passed=not reasons,
         reasons=tuple(reasons),
     )
+
+
+class TorchEngine:
+    """The reference's model in another torch dtype, behind the three `ctranslate2.Generator`
+    calls `evaluate` makes, so one gate judges both kinds of engine."""
+
+    def __init__(self, reference: Reference, dtype: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.torch = reference.torch
+        self.tokenizer = reference.tokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(
+            reference.model_dir, dtype=getattr(self.torch, dtype)
+        ).eval()
+
+    def _ids(self, tokens: list[str]) -> list[int]:
+        return self.tokenizer.convert_tokens_to_ids(tokens)
+
+    def _log_probs(self, ids: list[int]) -> Any:
+        with self.torch.inference_mode():
+            logits = self.model(self.torch.tensor([ids])).logits[0].float()
+        return self.torch.log_softmax(logits, dim=-1)
+
+    def forward_batch(self, batch: list[list[str]]) -> list[np.ndarray]:
+        return [self._log_probs(self._ids(tokens)).numpy() for tokens in batch]
+
+    def score_batch(self, batch: list[list[str]]) -> list[Any]:
+        scored = []
+        for tokens in batch:
+            ids = self._ids(tokens)
+            log_probs = self._log_probs(ids)[self.torch.arange(len(ids) - 1), ids[1:]]
+            scored.append(SimpleNamespace(log_probs=log_probs.tolist()))
+        return scored
+
+    def generate_batch(
+        self, batch: list[list[str]], max_length: int, **_: Any
+    ) -> list[SimpleNamespace]:
+        """Greedy answers of the whole batch, left-padded; `evaluate` asks for nothing else."""
+        eos = self.tokenizer.eos_token_id
+        self.tokenizer.padding_side = "left"
+        padded = self.tokenizer.pad(
+            {"input_ids": [self._ids(t) for t in batch]}, padding=True, return_tensors="pt"
+        )
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                **padded, max_new_tokens=max_length, do_sample=False, pad_token_id=eos
+            )
+        rows = out[:, padded["input_ids"].shape[1] :].tolist()
+        answers = [row[: row.index(eos)] if eos in row else row for row in rows]
+        return [SimpleNamespace(sequences_ids=[answer]) for answer in answers]
 
 
 def table(reports: list[GateReport]) -> str:

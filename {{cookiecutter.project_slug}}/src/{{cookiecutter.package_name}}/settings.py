@@ -43,9 +43,17 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL
     cache_dir: Path = Field(default_factory=default_cache_dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # float32 on CPU; on CUDA "auto" picks bfloat16 where supported, else float16.
+    # Of the transformers engine. auto: on CUDA bfloat16 where supported, else float16; on a CPU
+    # with bfloat16 instructions (AVX512-BF16, AMX) bfloat16 if it passes the quality gate
+    # (once per model, cached), else float32.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     num_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = all cores")
+    # The quality gate: a cheaper engine (a CTranslate2 conversion, bfloat16) further than this
+    # from the float32 model is refused.
+    gate_min_top1: float = Field(default=0.95, ge=0.0, le=1.0)
+    gate_max_ppl_ratio: float = Field(default=1.02, ge=1.0)
+    gate_max_facts_lost: int = Field(default=0, ge=0)
+    gate_min_exact_match: float = Field(default=0.0, ge=0.0, le=1.0)
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 
     # Engine: ctranslate2 serves the converted model; transformers is its float reference.
@@ -64,11 +72,6 @@ class Settings(BaseSettings):
     ] = "{{ cookiecutter.quantization }}"
     inter_threads: int = Field(default=1, ge=1, description="CTranslate2 batches run in parallel")
     intra_threads: int = Field(default=0, ge=0, description="threads per batch; 0 = cores/inter")
-    # Quality gate of `convert`: a converted model below these is not published.
-    gate_min_top1: float = Field(default=0.95, ge=0.0, le=1.0)
-    gate_max_ppl_ratio: float = Field(default=1.02, ge=1.0)
-    gate_max_facts_lost: int = Field(default=0, ge=0)
-    gate_min_exact_match: float = Field(default=0.0, ge=0.0, le=1.0)
 {%- endif %}
 
     # Prompts

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from {{ cookiecutter.package_name }}.precision import cpu_has_bf16
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.integration
@@ -33,8 +34,9 @@ def bench(tmp_path: Path, modes: str, env: dict | None = None) -> tuple[str, lis
 
 
 def test_bench_reports_each_mode_against_the_naive_baseline(tmp_path, model_dir):
-    stdout, rows = bench(tmp_path, "naive,batched")
-    assert [r["mode"] for r in rows] == ["naive", "batched"]
+    modes = ["naive", "batched", *(["batched-bf16"] if cpu_has_bf16() else [])]
+    stdout, rows = bench(tmp_path, ",".join(modes))
+    assert [r["mode"] for r in rows] == modes
     assert float(rows[0]["x_naive"]) == 1.0
     for row in rows:
         assert int(row["inputs"]) == 4 and int(row["errors"]) == 0
@@ -49,13 +51,24 @@ def test_bench_reports_each_mode_against_the_naive_baseline(tmp_path, model_dir)
     run_id = stdout.rsplit("tracked as MLflow run ", 1)[1].split()[0]
     client = MlflowClient(f"sqlite:///{os.environ[f'{ENV_PREFIX}TRACKING_DIR']}/mlflow.db")
     run = client.get_run(run_id)
-    assert run.data.tags["kind"] == "bench" and run.data.params["modes"] == "naive,batched"
+    assert run.data.tags["kind"] == "bench" and run.data.params["modes"] == ",".join(modes)
     assert client.get_experiment(run.info.experiment_id).name == DEFAULT_QUEUE_PREFIX
     for row in rows:
         logged = run.data.metrics[f"{row['mode']}.inputs_per_s"]
         assert abs(logged - float(row["inputs_per_s"])) < 1e-9
     files = {a.path for a in client.list_artifacts(run_id, "bench")}
     assert {"bench/results.csv", "bench/results.json", "bench/bench.png"} <= files
+
+
+def test_an_unknown_mode_is_one_line_before_anything_runs(tmp_path):
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench"]
+    options = ["--modes", "naive,fast", "--out", str(tmp_path)]
+    result = subprocess.run(
+        [*command, *options], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown bench mode 'fast'; modes: batched")
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
 @pytest.mark.rabbitmq

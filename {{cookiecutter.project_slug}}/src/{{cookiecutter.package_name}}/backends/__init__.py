@@ -31,11 +31,17 @@ def load_backend(settings: Settings) -> Backend:
             max_batch_tokens=settings.max_batch_tokens,
         )
 {%- endif %}
-    from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
+    from {{ cookiecutter.package_name }}.backends.hf import (
+        TransformersBackend,
+        pick_device,
+    )
+    from {{ cookiecutter.package_name }}.precision import resolve_dtype
 
+    model_dir = resolve_for(settings)
+    device = pick_device(settings.device).type
     return TransformersBackend(
-        resolve_for(settings),
-        device=settings.device,
-        dtype=settings.dtype,
+        model_dir,
+        device=device,
+        dtype=resolve_dtype(settings, model_dir, device),
         num_threads=settings.num_threads,
     )

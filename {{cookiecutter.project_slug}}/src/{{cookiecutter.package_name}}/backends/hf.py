@@ -37,7 +37,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU matmuls in half precision are slow and less exact
+    return torch.float32  # precision.resolve_dtype decides when bfloat16 is worth it on a CPU
 
 
 class TransformersBackend:
