@@ -51,3 +51,16 @@ def test_verdicts_are_kept_per_model_directory_and_dtype(tmp_path):
 
 def _no_gate(settings: Settings, model_dir: Path, dtype: str):
     raise AssertionError("the gate ran")
+
+
+def test_stored_measurements_are_judged_by_the_current_thresholds():
+    from {{ cookiecutter.package_name }}.quality import GateReport, Thresholds, judge
+
+    measured = GateReport(
+        scheme="bfloat16", top1=0.985, kl=0.001, ppl_ratio=1.0, exact_match=0.5, facts="4/4",
+        facts_lost=0, tokens_per_s=150.0, passed=False, reasons=("stale",),
+    )  # fmt: skip
+    assert judge(measured, Thresholds()).passed
+    strict = judge(measured, Thresholds(min_top1=0.99, min_exact_match=0.6))
+    assert not strict.passed
+    assert strict.reasons == ("top-1 agreement 98.5% < 99.0%", "greedy exact-match 50.0% < 60.0%")
