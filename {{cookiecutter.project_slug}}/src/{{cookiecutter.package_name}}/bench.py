@@ -8,6 +8,8 @@ timing, and only generated tokens counted. Modes:
 - `batched`: the same float32 model with the dynamic batcher, all requests at once (closed loop);
 - `batched-bf16`: the same in bfloat16, where `dtype=auto` would choose it (a CPU with bfloat16
   instructions whose gate passed, or CUDA);
+- `continuous`, `continuous-bf16`: the same models with continuous batching (requests join and
+  leave the running batch between decode steps), as the worker serves on transformers;
 - `ct2-<scheme>`: CTranslate2 with each published scheme that passed the quality gate;
 - `worker`: end to end through RabbitMQ and one worker process (closed loop), then its latency
   when idle (one request at a time) and under an open-loop Poisson load at a fraction of the
@@ -92,7 +94,8 @@ def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens:
     settings = settings.model_copy(update={"temperature": 0.0})
     service = InferenceService.from_settings(settings, _backend(mode, settings))
     lines = [(i, _with_tokens(raw, max_new_tokens)) for i, raw in read_requests(prompts)]
-    serve_lines(service, settings, lines[:2])  # warm-up, not timed
+    serve = _serve_continuous if mode.startswith("continuous") else serve_lines
+    serve(service, settings, lines[:2])  # warm-up, not timed
     started = time.perf_counter()
     if mode == "naive":
         replies = []
@@ -102,7 +105,7 @@ def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens:
             reply.latency_ms = (time.perf_counter() - one_started) * 1000.0
             replies.append(reply)
     else:
-        replies = serve_lines(service, settings, lines)
+        replies = serve(service, settings, lines)
     seconds = time.perf_counter() - started
     served = [r for r in replies if r.error is None]
     return ModeResult(
@@ -116,12 +119,26 @@ def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens:
     )
 
 
+def _serve_continuous(service: Any, settings: Settings, lines: list[tuple[str, bytes]]) -> list:
+    """Replies to `lines` in order, every valid one through one continuous batcher."""
+    from {{ cookiecutter.package_name }}.messages import Reply
+
+    batcher = service.continuous(settings.model_copy(update={"scheduling": "continuous"}))
+    admitted = [service.admit(raw, fallback_id) for fallback_id, raw in lines]
+    valid = [a for a in admitted if not isinstance(a, Reply)]
+    served = iter(service.run_continuous(batcher, valid))
+    return [a if isinstance(a, Reply) else next(served) for a in admitted]
+
+
+TRANSFORMERS_MODES = ("naive", "batched", "batched-bf16", "continuous", "continuous-bf16")
+
+
 def _backend(mode: str, settings: Settings) -> Any:
     """The engine of a mode, loaded by the same factory as the service's."""
     from {{ cookiecutter.package_name }}.backends import load_backend
 
-    if mode in ("naive", "batched", "batched-bf16"):
-        dtype = "bfloat16" if mode == "batched-bf16" else "float32"
+    if mode in TRANSFORMERS_MODES:
+        dtype = "bfloat16" if mode.endswith("-bf16") else "float32"
         return load_backend(settings.model_copy(update={"backend": "transformers", "dtype": dtype}))
     if mode.startswith("ct2-"):
         scheme = mode.removeprefix("ct2-")
@@ -284,7 +301,7 @@ WORKER_MODES = ("worker", "worker-ray") if RAY else ("worker",)
 
 def check_modes(modes: list[str]) -> None:
     """Raise ValueError naming the first mode this project does not have."""
-    known = {"naive", "batched", "batched-bf16", *WORKER_MODES}
+    known = {*TRANSFORMERS_MODES, *WORKER_MODES}
     for mode in modes:
         if mode not in known and not _is_ct2_mode(mode):
             listed = ", ".join([*sorted(known), *(["ct2-<scheme>"] if CT2 else [])])
@@ -308,7 +325,8 @@ def engine_mode(settings: Settings) -> str:
         found = find_published(settings)
         return f"ct2-{found[1] if found else settings.quantization}"
 {%- endif %}
-    return "batched-bf16" if _auto_is_bf16(settings) else "batched"
+    mode = "continuous" if settings.scheduling == "continuous" else "batched"
+    return f"{mode}-bf16" if _auto_is_bf16(settings) else mode
 
 
 def _auto_is_bf16(settings: Settings) -> bool:
@@ -321,11 +339,14 @@ def _auto_is_bf16(settings: Settings) -> bool:
 
 
 def default_modes(settings: Settings) -> list[str]:
-    """naive, batched, batched-bf16 where `auto` would pick it, every CTranslate2 scheme
-    published as passing the gate, the worker(s)."""
+    """naive, batched, batched-bf16 where `auto` would pick it, continuous batching in the
+    precision `auto` picks, every CTranslate2 scheme published as passing the gate, the
+    worker(s)."""
     modes = ["naive", "batched"]
     if _auto_is_bf16(settings.model_copy(update={"dtype": "auto"})):
-        modes.append("batched-bf16")
+        modes += ["batched-bf16", "continuous-bf16"]
+    else:
+        modes.append("continuous")
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     from {{ cookiecutter.package_name }}.quantize import (
         CPU_SCHEMES,

@@ -4,8 +4,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from {{ cookiecutter.package_name }}.backends import Backend
+from {{ cookiecutter.package_name }}.backends import Backend, Completion
 from {{ cookiecutter.package_name }}.messages import (
     Reply,
     RequestError,
@@ -19,6 +20,9 @@ from {{ cookiecutter.package_name }}.prompts import (
     PromptBuilder,
 )
 from {{ cookiecutter.package_name }}.settings import Settings
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +72,49 @@ class InferenceService:
         prepared = [a.request for a in batch]
         try:
             completions = self.backend.generate(prepared)
-        except Exception:  # isolate the culprit below
+        except Exception as exc:  # isolate the culprit below
             if len(batch) == 1:
                 log.exception("generation failed for request %s", prepared[0].id)
-                error = RequestError("generation_failed", "the engine failed on this request")
-                return [Reply.failure(prepared[0].id, error, _ms_since(batch[0].received))]
+                return [self.reply(batch[0], exc)]
             log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
             return [reply for one in batch for reply in self.run([one])]
-        now = time.perf_counter()
-        return [
-            Reply(
-                id=a.request.id,
-                text=c.text,
-                finish_reason=c.finish_reason,
-                usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
-                latency_ms=round((now - a.received) * 1000.0, 3),
-            )
-            for a, c in zip(batch, completions, strict=True)
-        ]
+        return [self.reply(a, c) for a, c in zip(batch, completions, strict=True)]
+
+    def continuous(self, settings: Settings) -> "ContinuousBatcher[Any] | None":
+        """The backend's step-level scheduler when it has one and `scheduling` is continuous."""
+        make = getattr(self.backend, "continuous", None)
+        if make is None or settings.scheduling != "continuous":
+            return None
+        return make(settings.max_batch_size, settings.max_batch_tokens)
+
+    def run_continuous(
+        self, batcher: "ContinuousBatcher[Any]", batch: Sequence[Admitted]
+    ) -> list[Reply]:
+        """Generate replies for `batch` through a continuous batcher; return them in order."""
+        for i, admitted in enumerate(batch):
+            batcher.add(admitted.request, i)
+        replies: dict[int, Reply] = {}
+        while len(batcher):
+            for i, result in batcher.step():
+                replies[i] = self.reply(batch[i], result)
+        return [replies[i] for i in range(len(batch))]
+
+    @staticmethod
+    def reply(admitted: Admitted, result: Completion | Exception) -> Reply:
+        """The reply to `admitted` from its completion, or an error reply if generation failed."""
+        request = admitted.request
+        if isinstance(result, Exception):
+            error = RequestError("generation_failed", "the engine failed on this request")
+            return Reply.failure(request.id, error, _ms_since(admitted.received))
+        return Reply(
+            id=request.id,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+            ),
+            latency_ms=_ms_since(admitted.received),
+        )
 
 
 def generation_defaults(settings: Settings) -> GenerationParams:

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=100.0, ge=0.0)
     max_batch_tokens: int = Field(default=16384, ge=1, description="padded prompt+new tokens")
     sort_by_length: bool = True
+    # How the worker batches on the transformers engine: `continuous` lets requests join and
+    # leave the running batch between decode steps (latency under load stays near one request's
+    # time); `static` runs the dynamic batcher's batches to completion. CTranslate2 has no
+    # step-level API, so it is always static.
+    scheduling: Literal["continuous", "static"] = "continuous"
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -110,3 +110,38 @@ def test_a_request_that_breaks_the_engine_fails_alone(service):
     assert [r.id for r in replies] == ["g0", "poison", "g1", "g2"]
     assert replies[1].error is not None and replies[1].error.type == "generation_failed"
     assert all(r.error is None and r.text for r in (replies[0], *replies[2:]))
+
+
+@pytest.fixture(scope="module")
+def hf_service(settings, service):
+    """The service on transformers (the configured engine may be CTranslate2)."""
+    if service.backend.name == "transformers":
+        return service
+    from {{ cookiecutter.package_name }}.backends import load_backend
+    from {{ cookiecutter.package_name }}.service import InferenceService
+
+    transformers = settings.model_copy(update={"backend": "transformers"})
+    return InferenceService.from_settings(transformers, load_backend(transformers))
+
+
+def test_continuous_batching_gives_the_texts_of_one_at_a_time(hf_service, settings):
+    requests = [
+        {"id": f"p{i}", "prompt": p, "max_new_tokens": 8 + 6 * (i % 4)}
+        for i, p in enumerate(PROMPTS)
+    ]
+    alone = {r["id"]: answer(hf_service, r) for r in requests}
+    batcher = hf_service.continuous(settings.model_copy(update={"max_batch_size": 3}))
+    # Requests arrive while others decode: three at once, then one every other step.
+    arrivals = {0: requests[:3], **{2 * k: [r] for k, r in enumerate(requests[3:], 1)}}
+    replies, step, most = {}, 0, 0
+    while step <= max(arrivals) or len(batcher):
+        for raw in arrivals.get(step, []):
+            admitted = admit(hf_service, raw)
+            batcher.add(admitted.request, admitted)
+        for admitted, result in batcher.step():
+            replies[admitted.request.id] = hf_service.reply(admitted, result)
+        most = max(most, len(batcher.running))
+        step += 1
+    assert most == 3
+    assert {i: r.text for i, r in replies.items()} == {i: r.text for i, r in alone.items()}
+    assert {i: r.usage for i, r in replies.items()} == {i: r.usage for i, r in alone.items()}

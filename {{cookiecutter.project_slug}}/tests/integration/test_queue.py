@@ -242,31 +242,54 @@ def test_bad_messages_are_dead_lettered_or_answered_and_the_rest_served(broker, 
     assert worker.process.poll() is None
 
 
-def test_a_batch_longer_than_three_heartbeats_keeps_the_connection(broker, prefix, workers):
-    worker = workers(heartbeat_s=1, max_batch_size=8)
+# How the worker batches: whole batches (the configured engine), or continuous batching, which
+# only the transformers engine has.
+SCHEDULINGS = {
+    "static": {"scheduling": "static"},
+    "continuous": {"scheduling": "continuous", "backend": "transformers"},
+}
+
+
+@pytest.mark.parametrize("scheduling", SCHEDULINGS)
+def test_generation_longer_than_three_heartbeats_keeps_the_connection(
+    broker, prefix, workers, scheduling
+):
+    worker = workers(heartbeat_s=1, max_batch_size=8, **SCHEDULINGS[scheduling])
     text = "Count from 1 to 300, separated by commas. Request {i}."
     collector = Collector(broker, prefix, numbered(8, max_new_tokens=160, text=text)).start()
     collector.join()
     collector.assert_each_answered_once()
-    durations = [float(s) for s in re.findall(r"batch of \d+ in ([\d.]+) s", worker.text())]
-    assert max(durations) > 3 * 1, f"the batch was too quick to prove anything: {durations}"
+    slowest = max(r.latency_ms for r in collector.replies.values())
+    assert slowest > 3 * 1000, f"generation was too quick to prove anything: {slowest} ms"
     assert worker.stop() == 0
     assert "connection lost" not in worker.text()
     assert "0 reconnects" in worker.text()
 
 
-def test_sigterm_finishes_the_batch_in_hand_and_requeues_the_rest(broker, prefix, workers):
-    first = workers(max_batch_size=4, max_wait_ms=0)
+@pytest.mark.parametrize("scheduling", SCHEDULINGS)
+def test_sigterm_finishes_the_requests_in_hand_and_requeues_the_rest(
+    broker, prefix, workers, scheduling
+):
+    first = workers(max_batch_size=4, max_wait_ms=0, **SCHEDULINGS[scheduling])
     collector = Collector(broker, prefix, numbered(12, max_new_tokens=48)).start()
-    first.wait_for("generating a batch of")
+    if scheduling == "static":
+        first.wait_for("generating a batch of")
+    else:
+        collector.wait_for_replies(1)  # the first ones are done, others have joined
     assert first.stop(signal.SIGTERM) == 0
     log = first.text()
-    started = re.findall(r"generating a batch of (\d+)", log)
-    finished = re.findall(r"batch of (\d+) in", log)
-    assert started and started == finished  # the batch in hand was finished, not dropped
     assert "finished the batch in hand; requeued" in log
     served = int(re.search(r"stopped: (\d+) served", log).group(1))
-    assert served == sum(map(int, finished)) < 12
+    if scheduling == "static":
+        started = re.findall(r"generating a batch of (\d+)", log)
+        finished = re.findall(r"batch of (\d+) in", log)
+        assert started and started == finished  # the batch in hand was finished, not dropped
+        assert served == sum(map(int, finished)) < 12
+    else:
+        found = re.search(r"stopping after (\d+) served: (\d+) requests in hand finish", log)
+        before, in_hand = int(found.group(1)), int(found.group(2))
+        assert in_hand > 0
+        assert before + in_hand <= served < 12  # those in hand were finished, not dropped
     workers(max_batch_size=4)
     collector.join()
     collector.assert_each_answered_once()

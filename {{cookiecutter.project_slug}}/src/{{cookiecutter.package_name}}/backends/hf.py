@@ -2,7 +2,7 @@
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -20,6 +20,9 @@ from {{ cookiecutter.package_name }}.backends.base import (
 )
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_WINDOW = 2048
@@ -81,6 +84,12 @@ class TransformersBackend:
         """One completion per request, in order; requests sharing sampling settings share a pass."""
         return generate_grouped(batch, self._generate_group)
 
+    def continuous(self, max_batch_size: int, max_batch_tokens: int) -> "ContinuousBatcher":
+        """A scheduler whose requests join and leave the batch between decode steps."""
+        from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher
+
+        return ContinuousBatcher(self, max_batch_size, max_batch_tokens)
+
     @torch.inference_mode()
     def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
         params = group[0].params
@@ -105,11 +114,12 @@ class TransformersBackend:
         stopping = StoppingCriteriaList([_RowStop(group, prompt_len, self.tokenizer)])
         output = self.model.generate(**padded, generation_config=config, stopping_criteria=stopping)
         return [
-            self._completion(request, output[row, prompt_len:].tolist()[:limit])
+            self.completion(request, output[row, prompt_len:].tolist()[:limit])
             for row, (request, limit) in enumerate(zip(group, limits, strict=True))
         ]
 
-    def _completion(self, request: PreparedRequest, new_ids: list[int]) -> Completion:
+    def completion(self, request: PreparedRequest, new_ids: list[int]) -> Completion:
+        """The completion of `request` from its generated ids: cut at eos or a stop string."""
         ended = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
         ids = new_ids if ended is None else new_ids[:ended]
         text, stopped = cut_at_stop(

@@ -1,5 +1,8 @@
 """The worker: consume requests, batch them, generate off the connection's thread, reply, ack.
 
+On the transformers engine requests are batched continuously (they join and leave the running
+batch between decode steps, see backends/continuous.py); otherwise in whole dynamic batches.
+
 Delivery is at-least-once: a request is acked only after its reply is confirmed by the broker,
 so a crash or a lost connection redelivers it. Generation runs in its own thread and hands
 replies back with `connection.add_callback_threadsafe`, so heartbeats keep flowing during a long
@@ -14,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError, UnroutableError
@@ -29,6 +32,9 @@ from {{ cookiecutter.package_name }}.queue.topology import (
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import Settings, redact_url
 from {{ cookiecutter.package_name }}.stats import Summary, summarize
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
@@ -63,9 +69,10 @@ class MetricsWindow:
         self._latencies: list[float] = []
         self._tokens = 0
 
-    def add(self, replies: list[Reply]) -> None:
+    def add(self, replies: list[Reply], batch_size: int | None = None) -> None:
+        """Record replies that finished together, from a batch of `batch_size` (theirs if None)."""
         with self._lock:
-            self._sizes.append(len(replies))
+            self._sizes.append(batch_size or len(replies))
             for reply in replies:
                 if reply.error is None:
                     self._latencies.append(reply.latency_ms)
@@ -249,6 +256,17 @@ class _Session:
     # -- generation thread ---------------------------------------------------------------------
 
     def _generate_loop(self) -> None:
+        batcher = self.worker.service.continuous(self.settings)
+        try:
+            if batcher is None:
+                self._static_loop()
+            else:
+                self._continuous_loop(batcher)
+        finally:
+            self.generation_done.set()
+
+    def _static_loop(self) -> None:
+        """Whole batches from the dynamic batcher, each run to completion and then acked."""
         settings = self.settings
         batcher: DynamicBatcher[Delivery] = DynamicBatcher(
             settings.max_batch_size,
@@ -271,7 +289,45 @@ class _Session:
                     self._run(batch)
         finally:
             self.leftover = [d for b in batcher.drain() for d in b]
-            self.generation_done.set()
+
+    def _continuous_loop(self, batcher: "ContinuousBatcher[Delivery]") -> None:
+        """Requests join the running batch between decode steps and are acked one by one as
+        they finish. Stopping takes no new ones: the running ones finish, the waiting ones are
+        requeued."""
+        log.info("continuous batching: up to %d requests decode together", batcher.max_batch_size)
+        try:
+            stopping = False
+            while self.connection.is_open:
+                if self.worker._stop.is_set():
+                    if not stopping:
+                        log.info(
+                            "stopping after %d served: %d requests in hand finish, %d waiting",
+                            self.worker.counters.served, len(batcher.running), len(batcher.waiting),
+                        )  # fmt: skip
+                        stopping = True
+                    self.leftover += batcher.take_waiting()
+                    if not batcher.running:
+                        break
+                else:
+                    arrived = _drain(self.inbox)
+                    if not arrived and not len(batcher):
+                        try:
+                            arrived = [self.inbox.get(timeout=0.2)]
+                        except queue.Empty:
+                            continue
+                    for delivery in arrived:
+                        batcher.add(delivery.admitted.request, delivery)
+                done = batcher.step()
+                if done:
+                    self._reply(done, decoding=len(batcher.running) + len(done))
+        finally:
+            self.leftover += batcher.take_waiting()
+
+    def _reply(self, done: list[tuple[Delivery, Any]], decoding: int) -> None:
+        deliveries = [delivery for delivery, _ in done]
+        replies = [self.worker.service.reply(d.admitted, result) for d, result in done]
+        self.worker.window.add(replies, batch_size=decoding)
+        self._call_on_connection(functools.partial(self._complete, deliveries, replies))
 
     def _run(self, batch: list[Delivery]) -> None:
         log.info("generating a batch of %d", len(batch))

@@ -1,0 +1,125 @@
+"""Continuous batching on a tiny random Llama built here: the same texts as `generate`, whatever
+joins or leaves the batch, and one broken request fails alone."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
+from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
+
+VOCAB = 48
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
+    model_dir: Path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {"[UNK]": 0, "<|im_end|>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharp logits and attention: positions and padding matter, ties don't
+        model.lm_head.weight.mul_(40.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    model.save_pretrained(model_dir)
+    return TransformersBackend(model_dir, device="cpu", dtype="float32", num_threads=1)
+
+
+def request(i: int, prompt_len: int, max_new_tokens: int = 12, **params: object) -> PreparedRequest:
+    ids = [2 + (i * 7 + k * 3) % (VOCAB - 2) for k in range(prompt_len)]
+    options = {"temperature": 0.0, "top_p": 1.0, "seed": None, "stop": ()} | params
+    return PreparedRequest(
+        f"r{i}", "", ids, GenerationParams(max_new_tokens=max_new_tokens, **options)
+    )
+
+
+def run_all(batcher, arrivals: dict[int, list[PreparedRequest]]) -> dict[str, object]:
+    """Step until empty, adding arrivals[k] before step k; return results by request id."""
+    results, step = {}, 0
+    while step <= max(arrivals) or len(batcher):
+        for r in arrivals.get(step, []):
+            batcher.add(r, r.id)
+        for tag, result in batcher.step():
+            results[tag] = result
+        assert len(batcher.running) <= batcher.max_batch_size
+        step += 1
+    return results
+
+
+def test_staggered_arrivals_give_the_texts_of_one_at_a_time(backend):
+    requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(12)]
+    alone = {r.id: backend.generate([r])[0] for r in requests}
+    arrivals = {0: requests[:3], 1: requests[3:4], 5: requests[4:9], 6: requests[9:]}
+    results = run_all(backend.continuous(max_batch_size=4, max_batch_tokens=10_000), arrivals)
+    assert results == alone
+    assert {c.finish_reason for c in alone.values()} <= {"stop", "length"}
+
+
+def test_the_token_budget_bounds_the_running_batch(backend):
+    batcher = backend.continuous(max_batch_size=8, max_batch_tokens=3 * 30)
+    requests = [request(i, 10, max_new_tokens=20) for i in range(6)]
+    for r in requests:
+        batcher.add(r, r.id)
+    most = 0
+    results = {}
+    while len(batcher):
+        results.update(batcher.step())
+        most = max(most, len(batcher.running))
+    assert most == 3
+    assert results == {r.id: backend.generate([r])[0] for r in requests}
+
+
+def test_seeded_sampling_does_not_depend_on_the_batchmates(backend):
+    seeded = request(1, 6, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = run_all(backend.continuous(4, 10_000), {0: [seeded]})
+    crowd = [request(i, 4 + i, max_new_tokens=10, temperature=1.0) for i in range(2, 5)]
+    together = run_all(backend.continuous(4, 10_000), {0: crowd, 2: [seeded]})
+    assert together["r1"] == alone["r1"]
+
+
+def test_a_stop_string_ends_the_row_early(backend):
+    free = backend.generate([request(3, 5, max_new_tokens=12)])[0]
+    words = free.text.split()
+    assert len(words) >= 3, "the tiny model must write a few words for this test"
+    stopping = request(3, 5, max_new_tokens=12, stop=(words[2],))
+    result = run_all(backend.continuous(4, 10_000), {0: [stopping, request(4, 5)]})["r3"]
+    assert result.finish_reason == "stop"
+    assert words[2] not in result.text.split()
+
+
+def test_a_request_that_breaks_the_engine_fails_alone(backend):
+    broken = PreparedRequest("bad", "", [VOCAB + 5], request(0, 1).params)
+    good = [request(i, 4) for i in range(3)]
+    results = run_all(backend.continuous(4, 10_000), {0: [*good, broken]})
+    assert isinstance(results["bad"], Exception)
+    assert [results[r.id] for r in good] == [backend.generate([r])[0] for r in good]
+
+
+def test_waiting_requests_can_be_taken_back(backend):
+    batcher = backend.continuous(max_batch_size=2, max_batch_tokens=10_000)
+    for i in range(5):
+        batcher.add(request(i, 4), f"r{i}")
+    batcher.step()
+    assert batcher.take_waiting() == ["r2", "r3", "r4"]
+    assert len(batcher) == 2
