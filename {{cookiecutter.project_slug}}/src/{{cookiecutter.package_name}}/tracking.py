@@ -196,6 +196,7 @@ def settings_params(settings: Settings) -> dict[str, object]:
         "max_wait_ms": settings.max_wait_ms,
         "max_batch_tokens": settings.max_batch_tokens,
         "sort_by_length": settings.sort_by_length,
+        "scheduling": settings.scheduling,
         "max_new_tokens": settings.max_new_tokens,
         "temperature": settings.temperature,
         "top_p": settings.top_p,

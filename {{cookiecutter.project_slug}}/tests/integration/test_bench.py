@@ -34,7 +34,7 @@ def bench(tmp_path: Path, modes: str, env: dict | None = None) -> tuple[str, lis
 
 
 def test_bench_reports_each_mode_against_the_naive_baseline(tmp_path, model_dir):
-    modes = ["naive", "batched", *(["batched-bf16"] if cpu_has_bf16() else [])]
+    modes = ["naive", "batched", "continuous", *(["batched-bf16"] if cpu_has_bf16() else [])]
     stdout, rows = bench(tmp_path, ",".join(modes))
     assert [r["mode"] for r in rows] == modes
     assert float(rows[0]["x_naive"]) == 1.0

@@ -4,8 +4,8 @@ A static batch holds every request until its longest one is done, and an arrival
 batch in flight: under load, latency grows to several batches' time. Here each step decodes one
 token for every running request; a finished one leaves at once and a waiting one joins at the
 next step (iteration-level scheduling, as in Orca, vLLM and TGI). The KV cache is one left-padded
-`DynamicCache`: newcomers are prefilled together, their keys and values padded to the batch's
-length and appended as rows; finished rows are dropped and columns that hold only padding are
+`DynamicCache`: each newcomer is prefilled on its own, its keys and values padded to the batch's
+length and appended as a row; finished rows are dropped and columns that hold only padding are
 trimmed. Each sampled row draws from a generator of its own, so a seeded request's text does not
 depend on its batchmates.
 """
@@ -106,57 +106,51 @@ class ContinuousBatcher(Generic[T]):
                 break
             joining.append(self.waiting.popleft())
             longest = longest_after
-        if not joining:
-            return []
-        try:
-            return self._prefill(joining)
-        except Exception as exc:  # isolate the request that breaks the engine
-            if len(joining) == 1:
-                log.exception("prefill failed for request %s", joining[0].request.id)
-                return [(joining[0].tag, exc)]
-            log.warning("a prefill of %d failed; retrying its requests one by one", len(joining))
-            return [done for row in joining for done in self._admit_alone(row)]
-
-    def _admit_alone(self, row: _Row[T]) -> list[tuple[T, Completion | Exception]]:
-        try:
-            return self._prefill([row])
-        except Exception as exc:  # one error reply, the rest are served
-            log.exception("prefill failed for request %s", row.request.id)
-            return [(row.tag, exc)]
+        prefilled, failed = [], []
+        for row in joining:
+            try:
+                prefilled.append((row, *self._prefill(row)))
+            except Exception as exc:  # one error reply, the others are served
+                log.exception("prefill failed for request %s", row.request.id)
+                failed.append((row.tag, exc))
+        if not prefilled:
+            return failed
+        first = len(self.running)
+        self._join([(row, cache, mask) for row, cache, mask, _ in prefilled])
+        return failed + self._advance([token for *_, token in prefilled], first)
 
     @torch.inference_mode()
-    def _prefill(self, joining: list[_Row[T]]) -> list[tuple[T, Completion | Exception]]:
-        tokenizer = self.backend.tokenizer
-        padded = tokenizer.pad(
-            {"input_ids": [r.request.token_ids for r in joining]},
-            padding=True,
-            return_tensors="pt",
-        ).to(self.device)
-        mask = padded["attention_mask"]
+    def _prefill(self, row: _Row[T]) -> tuple[DynamicCache, torch.Tensor, int]:
+        """One prompt's keys and values, its mask and its first token. Prompts are prefilled one
+        at a time: a prompt is already a matrix product of its own length, and a padded group
+        would spend compute on the padding."""
+        ids = torch.tensor([row.request.token_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=padded["input_ids"],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            input_ids=ids,
             use_cache=True,
             **{self._cache_arg: cache},
             logits_to_keep=1,
         )
-        tokens = self._pick(out.logits[:, -1, :], joining)
-        first = len(self.running)
-        self._join(joining, cache, mask)
-        return self._advance(tokens, first)
+        token = self._pick(out.logits[:, -1, :], [row])[0]
+        return cache, torch.ones_like(ids), token
 
-    def _join(self, joining: list[_Row[T]], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if self._cache is None or self._mask is None:
-            self._cache, self._mask, self.running = cache, mask, list(joining)
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
-            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
-        self._mask = torch.cat([_pad_left(self._mask, length), _pad_left(mask, length)])
-        self.running += joining
+    def _join(self, joining: list[tuple[_Row[T], DynamicCache, torch.Tensor]]) -> None:
+        """Append the newcomers' rows to the running batch, all left-padded to one length."""
+        caches = [cache for _, cache, _ in joining]
+        masks = [mask for _, _, mask in joining]
+        if self._cache is not None and self._mask is not None:
+            caches.insert(0, self._cache)
+            masks.insert(0, self._mask)
+        length = max(mask.shape[1] for mask in masks)
+        merged = caches[0]
+        for i, layer in enumerate(merged.layers):
+            others = [cache.layers[i] for cache in caches]
+            layer.keys = torch.cat([_pad_left(other.keys, length) for other in others])
+            layer.values = torch.cat([_pad_left(other.values, length) for other in others])
+        self._cache = merged
+        self._mask = torch.cat([_pad_left(mask, length) for mask in masks])
+        self.running += [row for row, _, _ in joining]
 
     # -- decoding --------------------------------------------------------------------------------
 
