@@ -1,12 +1,20 @@
-"""The main job: a JSONL file of requests through the dynamic batcher to a JSONL file of replies."""
+"""The main job: a JSONL file of requests through the dynamic batcher to a JSONL file of replies.
 
+Replies are appended to the output as soon as each is known (and flushed), so a job stopped by
+SIGTERM, kill -9 or a crash leaves a valid JSONL prefix; `--resume` skips the ids already there
+and, once every line is answered, the file is rewritten in input order. `submit` and the Ray
+batch job write through the same ReplyWriter.
+"""
+
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from {{ cookiecutter.package_name }}.batching import DynamicBatcher
-from {{ cookiecutter.package_name }}.messages import Reply
+from {{ cookiecutter.package_name }}.messages import Reply, RequestError, request_id_of
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import Settings
 from {{ cookiecutter.package_name }}.stats import Summary, summarize
@@ -20,23 +28,130 @@ def read_requests(path: Path) -> list[tuple[str, bytes]]:
         return [(f"line-{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
 
 
+class OutputError(ValueError):
+    """The output file cannot be written; found before any model is loaded."""
+
+
+def reply_key(request_id: str | int | float) -> str:
+    """One key per JSON id: 1, 1.5 and "1" are three different ids."""
+    return json.dumps(request_id)
+
+
+@dataclass
+class Plan:
+    """What a job has left to do: every input line's key in order, the lines not yet answered,
+    and the error replies of lines that repeat an earlier line's id."""
+
+    order: list[str] = field(default_factory=list)
+    todo: list[tuple[str, bytes]] = field(default_factory=list)
+    duplicates: list[Reply] = field(default_factory=list)
+
+
+def plan(lines: list[tuple[str, bytes]], answered: set[str], max_bytes: int = 1_048_576) -> Plan:
+    """The lines of `lines` whose ids are not in `answered` (the keys of replies already written).
+
+    A line that repeats an earlier id is answered with a `duplicate_id` error under its line
+    name, so every id appears in the output exactly once.
+    """
+    result = Plan()
+    first_seen: dict[str, str] = {}
+    for fallback_id, line in lines:
+        request_id = request_id_of(line, fallback_id, max_bytes)
+        key = reply_key(request_id)
+        if key in first_seen:
+            error = RequestError(
+                "duplicate_id", f"id {request_id!r} appears twice (first at {first_seen[key]})"
+            )
+            key = reply_key(fallback_id)
+            if key not in answered:
+                result.duplicates.append(Reply.failure(fallback_id, error))
+        else:
+            first_seen[key] = fallback_id
+            if key not in answered:
+                result.todo.append((fallback_id, line))
+        result.order.append(key)
+    return result
+
+
+class ReplyWriter:
+    """Appends each reply to `target` as soon as it is known; `finish` puts them in input order.
+
+    Opened with `resume`, the replies already in `target` are kept (a torn last line is
+    dropped) and their ids are `answered`; else `target` starts empty. Raises OutputError at
+    once if `target` cannot be written.
+    """
+
+    def __init__(self, target: Path, resume: bool = False) -> None:
+        self.target = target
+        self.answered: dict[str, Reply] = _read_replies(target) if resume else {}
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_replies(target, list(self.answered.values()))
+            self._file = target.open("a", encoding="utf-8")
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise OutputError(f"cannot write replies to {target}: {reason}") from None
+        self.written = 0
+
+    def write(self, reply: Reply) -> None:
+        self.answered[reply_key(reply.id)] = reply
+        self._file.write(reply.model_dump_json() + "\n")
+        self._file.flush()  # in the kernel's hands: it survives the process being killed
+        self.written += 1
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def finish(self, order: list[str]) -> list[Reply]:
+        """Rewrite the file atomically with the replies of `order`, in that order; return them."""
+        self.close()
+        replies = [self.answered[key] for key in order if key in self.answered]
+        write_replies(self.target, replies)
+        return replies
+
+
+def _read_replies(target: Path) -> dict[str, Reply]:
+    answered: dict[str, Reply] = {}
+    if not target.is_file():
+        return answered
+    with target.open("rb") as lines:
+        for line in lines:
+            try:
+                reply = Reply.model_validate_json(line)
+            except ValueError:
+                break  # a line torn by a kill: this and what follows are redone
+            answered[reply_key(reply.id)] = reply
+    return answered
+
+
 def run_batch_file(
     service: InferenceService,
     settings: Settings,
     source: Path,
     target: Path,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    resume: bool = False,
 ) -> tuple[list[Reply], Summary]:
-    """Serve every request in `source`, write replies to `target` in input order.
+    """Serve every request in `source`, write replies to `target` (in input order once done).
 
     Bad lines get error replies in place; they do not stop the job. `on_progress(done, total)`
-    is called after each batch. Returns the replies and the throughput summary.
+    is called after each batch. Returns every reply and the throughput summary of this run.
     """
     raw = read_requests(source)
+    writer = ReplyWriter(target, resume)
+    todo = plan(raw, set(writer.answered), settings.max_request_bytes)
+    for reply in todo.duplicates:
+        writer.write(reply)
     sizes: list[int] = []
     started = time.perf_counter()
-    replies = serve_lines(service, settings, raw, on_progress, sizes)
-    return replies, finish(target, replies, time.perf_counter() - started, sizes)
+    try:
+        replies = serve_lines(service, settings, todo.todo, on_progress, sizes, writer.write)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - started
+    summary = summarize_replies([*todo.duplicates, *replies], seconds, sizes)
+    return writer.finish(todo.order), summary
 
 
 def serve_lines(
@@ -45,10 +160,12 @@ def serve_lines(
     raw: list[tuple[str, bytes]],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     batch_sizes: list[int] | None = None,
+    on_reply: Callable[[Reply], None] = lambda reply: None,
 ) -> list[Reply]:
     """Replies to (fallback id, raw request) pairs, in their order, batched as the settings say.
 
-    The size of each batch run is appended to `batch_sizes` when one is given.
+    `on_reply` is called with each reply as soon as it is known (bad lines first, then batch
+    by batch); the size of each batch run is appended to `batch_sizes` when one is given.
     """
     replies: list[Reply | None] = [None] * len(raw)
     batcher: DynamicBatcher[tuple[int, Admitted]] = DynamicBatcher(
@@ -61,6 +178,7 @@ def serve_lines(
         admitted = service.admit(line, fallback_id)
         if isinstance(admitted, Reply):
             replies[position] = admitted
+            on_reply(admitted)
         else:
             batcher.add((position, admitted), admitted.request.tokens)
     done = sum(r is not None for r in replies)
@@ -68,6 +186,7 @@ def serve_lines(
     for batch in batcher.drain():
         for (position, _), reply in zip(batch, service.run([a for _, a in batch]), strict=True):
             replies[position] = reply
+            on_reply(reply)
         if batch_sizes is not None:
             batch_sizes.append(len(batch))
         done += len(batch)
@@ -75,11 +194,10 @@ def serve_lines(
     return [r for r in replies if r is not None]
 
 
-def finish(
-    target: Path, replies: list[Reply], seconds: float, batch_sizes: Sequence[int] = ()
+def summarize_replies(
+    replies: list[Reply], seconds: float, batch_sizes: Sequence[int] = ()
 ) -> Summary:
-    """Write the replies and summarize the job's throughput and latency."""
-    write_replies(target, replies)
+    """The throughput and latency of the replies a job produced."""
     served = [r for r in replies if r.error is None]
     return summarize(
         seconds,
@@ -97,4 +215,6 @@ def write_replies(target: Path, replies: list[Reply]) -> None:
     with partial.open("w", encoding="utf-8") as out:
         for reply in replies:
             out.write(reply.model_dump_json() + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(partial, target)

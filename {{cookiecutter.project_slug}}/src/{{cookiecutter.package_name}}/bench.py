@@ -240,13 +240,7 @@ def _submit(
 ) -> ModeResult:
     from {{ cookiecutter.package_name }}.queue.client import Client
 
-    client = Client(
-        settings.rabbitmq_url,
-        prefix,
-        window=window or settings.client_window,
-        timeout_s=settings.reply_timeout_s,
-        heartbeat_s=settings.heartbeat_s,
-    )
+    client = Client.from_settings(settings, prefix, window)
     replies = []
     started = time.perf_counter()
     stats = client.submit(requests, replies.append, arrivals=arrivals)

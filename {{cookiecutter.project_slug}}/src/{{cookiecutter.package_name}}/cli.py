@@ -1,18 +1,31 @@
 """Batched LLM inference on the command line: model pull, generate, batch."""
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from {{ cookiecutter.package_name }}.messages import Reply, RequestError, parse_request
+from {{ cookiecutter.package_name }}.batch_job import OutputError
+from {{ cookiecutter.package_name }}.messages import (
+    Reply,
+    RequestError,
+    parse_request,
+    request_id_of,
+)
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError, resolve_for
 from {{ cookiecutter.package_name }}.prompts import resolve_params, with_system_prompt
+from {{ cookiecutter.package_name }}.queue.client import QueueFullError
+from {{ cookiecutter.package_name }}.queue.topology import TopologyError
 from {{ cookiecutter.package_name }}.service import InferenceService, generation_defaults
 from {{ cookiecutter.package_name }}.settings import Settings, SettingsError, load_settings
 from {{ cookiecutter.package_name }}.tracking import TrackingError
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.batch_job import ReplyWriter
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 model_app = typer.Typer(help="Fetch and prepare the model.", no_args_is_help=True)
@@ -23,6 +36,9 @@ app.add_typer(artifacts_app, name="artifacts", no_args_is_help=True)
 # Errors a user can fix: printed as one line, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,  # the broker is unreachable (BrokerUnavailableError says how to start it)
+    QueueFullError,
+    TopologyError,
+    OutputError,
     ModelSourceError,
     SettingsError,
     RequestError,
@@ -183,23 +199,30 @@ def generate(
 @app.command()
 def batch(
     source: Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")],
-    target: Annotated[Path, typer.Argument(help="JSONL of replies, written in input order")],
+    target: Annotated[Path, typer.Argument(help="JSONL of replies, in input order when done")],
     show: Annotated[bool, typer.Option(help="Print each prompt's answer")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Keep the replies already in TARGET; answer only the rest")
+    ] = False,
 {%- if cookiecutter.worker_runtime == "ray" %}
     replicas: Annotated[
         int | None, typer.Option(min=0, help="Spread the file over this many Ray replicas")
     ] = None,
 {%- endif %}
 ) -> None:
-    """Run a file of requests through the dynamic batcher; print a throughput summary."""
+    """Run a file of requests through the dynamic batcher; print a throughput summary.
+
+    Each reply is written as soon as it is known: an interrupted job is finished by running
+    the same command with --resume.
+    """
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from {{ cookiecutter.package_name }}.batch_job import (
-        finish,
+        ReplyWriter,
+        plan,
         read_requests,
         serve_lines,
+        summarize_replies,
     )
     from {{ cookiecutter.package_name }}.tracking import settings_params, start_run
 {% if cookiecutter.worker_runtime == "ray" %}
@@ -208,35 +231,40 @@ def batch(
     settings = load_settings()
 {%- endif %}
     lines = read_requests(source)  # fail on a missing file before loading the model
-    params = settings_params(settings)
+    writer = ReplyWriter(target, resume)  # and on an unwritable output
+    todo = plan(lines, set(writer.answered), settings.max_request_bytes)
+    for duplicate in todo.duplicates:
+        writer.write(duplicate)
+    if resume:
+        typer.echo(f"resuming: {len(lines) - len(todo.todo)} of {len(lines)} already answered")
+    params = settings_params(settings) | {"input_file": source.name, "resume": resume}
+    sizes: list[int] = []
     # The run opens first: an unreachable tracking server fails before the model loads.
-    with start_run(settings, "batch", params | {"input_file": source.name}) as run:
-        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        sizes: list[int] = []
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task("generating", total=None)
-
-            def on_progress(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-{% if cookiecutter.worker_runtime == "ray" %}
+    with _interruptible(writer), start_run(settings, "batch", params) as run:
+        with _progress("generating") as on_progress:
+            started = time.perf_counter()
+{%- if cookiecutter.worker_runtime == "ray" %}
             if settings.replicas:
                 from {{ cookiecutter.package_name }}.distributed import run_batch
 
-                replies, seconds = run_batch(settings, settings.replicas, lines, on_progress)
+                new, seconds = run_batch(
+                    settings, settings.replicas, todo.todo, on_progress, writer.write
+                )
             else:
                 service = _service(settings)
                 run.log_params(service.backend.describe())
                 started = time.perf_counter()
-                replies = serve_lines(service, settings, lines, on_progress, sizes)
+                new = serve_lines(service, settings, todo.todo, on_progress, sizes, writer.write)
                 seconds = time.perf_counter() - started
 {%- else %}
             service = _service(settings)
             run.log_params(service.backend.describe())
             started = time.perf_counter()
-            replies = serve_lines(service, settings, lines, on_progress, sizes)
+            new = serve_lines(service, settings, todo.todo, on_progress, sizes, writer.write)
             seconds = time.perf_counter() - started
 {%- endif %}
-        summary = finish(target, replies, seconds, sizes)
+        replies = writer.finish(todo.order)
+        summary = summarize_replies([*todo.duplicates, *new], seconds, sizes)
         run.log_metrics(summary.metrics())
         run.log_artifact(target, "results")
     if show:
@@ -261,7 +289,12 @@ def worker() -> None:
     import signal
     import threading
 
-    from {{ cookiecutter.package_name }}.queue.worker import Worker, run_tracked
+    from {{ cookiecutter.package_name }}.queue.worker import (
+        EXIT_FAILED,
+        Worker,
+        WorkerFailed,
+        run_tracked,
+    )
 
     stopping = threading.Event()
 
@@ -284,55 +317,72 @@ def worker() -> None:
 {%- endif %}
     served = Worker(_service(settings), settings)
     threading.Thread(target=lambda: (stopping.wait(), served.stop()), daemon=True).start()
-    run_tracked(served)
+    try:
+        run_tracked(served)
+    except WorkerFailed as exc:  # exit non-zero: the supervisor restarts a fresh worker
+        typer.echo(f"error: {exc}; exiting so that the worker is restarted", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 @app.command()
 def submit(
     source: Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")],
-    target: Annotated[Path, typer.Argument(help="JSONL of replies, written in input order")],
+    target: Annotated[Path, typer.Argument(help="JSONL of replies, in input order when done")],
     window: Annotated[int | None, typer.Option(min=1, help="Requests in flight")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.1, help="Seconds per request")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Keep the replies already in TARGET; send only the rest")
+    ] = False,
 ) -> None:
-    """Send a file of requests to the workers through RabbitMQ; write their replies in order."""
+    """Send a file of requests to the workers through RabbitMQ; write their replies as they come.
+
+    Lines that are not valid requests are answered here and not sent. An interrupted run is
+    finished by running the same command with --resume.
+    """
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from {{ cookiecutter.package_name }}.batch_job import read_requests, write_replies
+    from {{ cookiecutter.package_name }}.batch_job import (
+        ReplyWriter,
+        plan,
+        read_requests,
+    )
     from {{ cookiecutter.package_name }}.queue.client import Client
+    from {{ cookiecutter.package_name }}.service import limits_of
     from {{ cookiecutter.package_name }}.stats import summarize
 
     settings = load_settings(client_window=window, reply_timeout_s=timeout)
-    requests, replies = _requests_to_send(read_requests(source))
-    client = Client(
-        settings.rabbitmq_url,
-        settings.queue_prefix,
-        window=settings.client_window,
-        timeout_s=settings.reply_timeout_s,
-        heartbeat_s=settings.heartbeat_s,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    lines = read_requests(source)
+    writer = ReplyWriter(target, resume)
+    todo = plan(lines, set(writer.answered), settings.max_request_bytes)
+    for duplicate in todo.duplicates:
+        writer.write(duplicate)
+    requests: list[dict] = []
+    for fallback_id, line in todo.todo:
+        try:
+            request = parse_request(line, fallback_id, limits_of(settings))
+        except RequestError as exc:
+            writer.write(Reply.failure(request_id_of(line, fallback_id), exc))
+            continue
+        requests.append(request.model_dump(exclude_none=True))
+    client = Client.from_settings(settings)
+    served: list[Reply] = []
     started = time.perf_counter()
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task("waiting for replies", total=len(replies))
-        progress.update(task, completed=sum(r is not None for r in replies.values()))
+    with _interruptible(writer), _progress("waiting for replies") as on_progress:
 
         def on_reply(reply: Reply) -> None:
-            replies[reply.id] = reply
-            progress.advance(task)
+            writer.write(reply)
+            served.append(reply)
+            on_progress(len(served), len(requests))
 
         stats = client.submit(requests, on_reply)
     seconds = time.perf_counter() - started
-    finished = [r for r in replies.values() if r is not None]
-    write_replies(target, finished)
-    served = [r for r in finished if r.error is None]
+    writer.finish(todo.order)
+    good = [r for r in served if r.error is None]
     summary = summarize(
         seconds,
-        stats.latencies_ms[: len(served)],
-        sum(r.usage.completion_tokens for r in served),
-        errors=len(finished) - len(served),
+        stats.latencies_ms[: len(good)],
+        sum(r.usage.completion_tokens for r in good),
+        errors=len(served) - len(good),
     )
     typer.echo(summary.line())
     typer.echo(
@@ -341,35 +391,39 @@ def submit(
     )
 
 
-def _requests_to_send(
-    lines: list[tuple[str, bytes]],
-) -> tuple[list[dict], dict[str, Reply | None]]:
-    """Requests with unique ids to send, and the reply slots in input order (lines that are
-    not JSON objects, or repeat an id, get their error reply here and are not sent)."""
-    import json
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar; yields `update(done, total)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    requests: list[dict] = []
-    replies: dict[str, Reply | None] = {}
-    for fallback_id, line in lines:
-        try:
-            raw = json.loads(line)
-        except ValueError as exc:
-            error = RequestError("invalid_json", f"request is not JSON: {exc}")
-            replies[fallback_id] = Reply.failure(fallback_id, error)
-            continue
-        if not isinstance(raw, dict):
-            error = RequestError("invalid_request", "request must be a JSON object")
-            replies[fallback_id] = Reply.failure(fallback_id, error)
-            continue
-        raw.setdefault("id", fallback_id)
-        request_id = str(raw["id"])
-        if request_id in replies:
-            error = RequestError("duplicate_id", f"id {request_id!r} appears twice in the input")
-            replies[f"{fallback_id}:duplicate"] = Reply.failure(request_id, error)
-            continue
-        replies[request_id] = None
-        requests.append(raw)
-    return requests, replies
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _interruptible(writer: "ReplyWriter") -> Iterator[None]:
+    """SIGTERM stops the job like Ctrl-C: what was written stays, the MLflow run ends KILLED,
+    and one line says how to finish the job."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        writer.close()
+        typer.echo(
+            f"interrupted: {len(writer.answered)} replies are in {writer.target}; "
+            "run the same command with --resume to finish",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

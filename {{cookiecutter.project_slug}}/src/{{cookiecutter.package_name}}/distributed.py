@@ -130,9 +130,11 @@ def run_batch(
     count: int,
     lines: list[tuple[str, bytes]],
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    on_reply: Callable[[Reply], None] = lambda reply: None,
 ) -> tuple[list[Reply], float]:
     """Replies to every line, in input order, computed by `count` replicas in shards, and the
-    seconds they took once every replica had loaded its model."""
+    seconds they took once every replica had loaded its model. `on_reply` gets each reply as
+    soon as its shard is back."""
     replicas = start_replicas(settings, count)
     try:
         ray.get([r.__ray_ready__.remote() for r in replicas])  # models loaded before timing
@@ -145,6 +147,8 @@ def run_batch(
         work = pool.map_unordered(lambda r, item: r.serve.remote(*item), list(enumerate(shards)))
         for shard, replies in work:
             results[shard] = replies
+            for reply in replies:
+                on_reply(Reply.model_validate(reply))
             done += len(replies)
             on_progress(done, len(lines))
         replies = [Reply.model_validate(r) for shard in results for r in shard]

@@ -4,6 +4,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from {{ cookiecutter.package_name }}.messages import Request, RequestError
+from {{ cookiecutter.package_name }}.model_source import ModelSourceError
+
+# Below this, a temperature is greedy decoding (as in vLLM): dividing logits by it would only
+# overflow.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class GenerationParams:
 class PreparedRequest:
     """A request rendered and tokenized, with every generation parameter filled in."""
 
-    id: str
+    id: str | int | float
     text: str
     token_ids: list[int]
     params: GenerationParams
@@ -46,7 +51,9 @@ class PromptBuilder:
         max_new_tokens_limit: int = 4096,
     ) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the tokenizer has no chat template; use a chat/instruct model")
+            raise ModelSourceError(
+                "the model's tokenizer has no chat template; use a chat or instruct model"
+            )
         self.tokenizer = tokenizer
         self.context_window = context_window
         self.system_prompt = system_prompt
@@ -56,7 +63,15 @@ class PromptBuilder:
     def render(self, request: Request) -> str:
         """The prompt text: the chat template applied, with the generation prompt appended."""
         chat = with_system_prompt(request.chat(), self.system_prompt)
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # noqa: BLE001 - a template may refuse roles or their order
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise RequestError(
+                "invalid_request", f"the model's chat template refused these messages: {reason}"
+            ) from None
 
     def prepare(self, request: Request) -> PreparedRequest:
         """Render and tokenize `request` and fill in defaults.
@@ -86,9 +101,10 @@ class PromptBuilder:
 
 def resolve_params(request: Request, defaults: GenerationParams) -> GenerationParams:
     """The request's generation parameters, with `defaults` for those it leaves out."""
+    temperature = defaults.temperature if request.temperature is None else request.temperature
     return GenerationParams(
         max_new_tokens=request.max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
         seed=defaults.seed if request.seed is None else request.seed,
         stop=tuple(request.stop) or defaults.stop,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from {{ cookiecutter.package_name }}.backends import Backend, Completion
 from {{ cookiecutter.package_name }}.messages import (
+    Limits,
     Reply,
     RequestError,
     Usage,
@@ -36,9 +37,12 @@ class Admitted:
 
 
 class InferenceService:
-    def __init__(self, backend: Backend, prompts: PromptBuilder) -> None:
+    def __init__(
+        self, backend: Backend, prompts: PromptBuilder, limits: Limits | None = None
+    ) -> None:
         self.backend = backend
         self.prompts = prompts
+        self.limits = limits or Limits()
 
     @classmethod
     def from_settings(cls, settings: Settings, backend: Backend) -> "InferenceService":
@@ -49,19 +53,30 @@ class InferenceService:
             defaults=generation_defaults(settings),
             max_new_tokens_limit=settings.max_new_tokens_limit,
         )
-        return cls(backend, prompts)
+        return cls(backend, prompts, limits_of(settings))
 
     def admit(self, raw: bytes | str | dict, fallback_id: str) -> Admitted | Reply:
-        """Validate and tokenize one raw request: an Admitted request or an error Reply."""
+        """Validate and tokenize one raw request: an Admitted request or an error Reply.
+
+        Never raises: whatever the request holds, a failure is this request's error reply.
+        """
         received = time.perf_counter()
         try:
-            request = parse_request(raw, fallback_id=fallback_id)
+            request = parse_request(raw, fallback_id=fallback_id, limits=self.limits)
         except RequestError as exc:
-            return Reply.failure(request_id_of(raw, fallback_id), exc)
+            return Reply.failure(
+                request_id_of(raw, fallback_id, self.limits.max_request_bytes), exc
+            )
+        except Exception as exc:  # a parser bug must not reach the caller
+            log.exception("could not parse request %s", fallback_id)
+            return Reply.failure(fallback_id, _unexpected(exc))
         try:
             return Admitted(self.prompts.prepare(request), received)
         except RequestError as exc:
             return Reply.failure(request.id, exc)
+        except Exception as exc:  # e.g. a tokenizer failing on this one text
+            log.exception("could not prepare request %s", request.id)
+            return Reply.failure(request.id, _unexpected(exc))
 
     def run(self, batch: Sequence[Admitted]) -> list[Reply]:
         """Generate replies for one batch, in order.
@@ -115,6 +130,19 @@ class InferenceService:
             ),
             latency_ms=_ms_since(admitted.received),
         )
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        max_request_bytes=settings.max_request_bytes,
+        max_messages=settings.max_messages,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+
+
+def _unexpected(exc: Exception) -> RequestError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return RequestError("invalid_request", f"this request could not be prepared: {reason}")
 
 
 def generation_defaults(settings: Settings) -> GenerationParams:

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     system_prompt: str | None = None
     context_window: int | None = Field(default=None, ge=16, description="None = the model's own")
 
+    # What one request may hold, checked before it is parsed or tokenized.
+    max_request_bytes: int = Field(default=1_048_576, ge=256, description="raw body size")
+    max_messages: int = Field(default=256, ge=1, description="chat turns per request")
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="characters of text")
+
     # Generation defaults for requests that do not say
     max_new_tokens: int = Field(default=64, ge=1)
     max_new_tokens_limit: int = Field(default=4096, ge=1)
@@ -100,6 +105,11 @@ class Settings(BaseSettings):
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     queue_prefix: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[\w.-]+$")
     queue_max_length: int | None = Field(default=None, ge=1, description="backpressure")
+    # A quorum queue redelivers a message at most this many times (a worker crashed or was
+    # stopped while holding it), then dead-letters it: a message that kills workers stops there.
+    queue_delivery_limit: int = Field(default=3, ge=1)
+    # `submit` retries a full queue (QUEUE_MAX_LENGTH) this long, then fails with "queue full".
+    queue_full_timeout_s: float = Field(default=60.0, gt=0)
     prefetch_count: int = Field(default=0, ge=0, description="0 = twice max_batch_size")
     heartbeat_s: int = Field(default=30, ge=1)
     report_every_s: float = Field(default=30.0, gt=0)
@@ -116,6 +126,8 @@ class Settings(BaseSettings):
     ray_cpus_per_replica: float = Field(default=1.0, gt=0)
     ray_gpus_per_replica: float = Field(default=0.0, ge=0)
     ray_max_restarts: int = Field(default=3, ge=-1, description="-1 = restart forever")
+    # Replicas that cannot be placed (not enough CPUs or GPUs) or loaded within this fail.
+    ray_start_timeout_s: float = Field(default=300.0, gt=0)
 {%- endif %}
 
     # MLflow: every job logs a run. Without a tracking URI the store is local to the project
@@ -159,6 +171,12 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices(f"{ENV_PREFIX}S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
     )
+
+    # Fault injection, for tests of crash recovery only: a request whose text contains this
+    # marker makes the worker process exit at once (FAULT_EXIT_ON) or its generation thread
+    # raise (FAULT_GENERATION_ON). Unset in any real deployment.
+    fault_exit_on: str | None = Field(default=None, min_length=8)
+    fault_generation_on: str | None = Field(default=None, min_length=8)
 
     @property
     def models_dir(self) -> Path:

@@ -153,7 +153,8 @@ def start_run(
 ) -> Iterator[Run]:
     """Open a run of `kind` (batch, bench, worker, finetune, register) with `params`; yield it.
 
-    The run ends FINISHED, or FAILED if the block raises. With tracking off, yields a run that
+    The run ends FINISHED, KILLED if the job was interrupted (Ctrl-C, or SIGTERM turned into
+    KeyboardInterrupt), or FAILED if the block raises. With tracking off, yields a run that
     logs nothing. Raises TrackingError when the tracking server is unreachable.
     """
     if not settings.tracking:
@@ -178,6 +179,9 @@ def start_run(
     try:
         yield handle
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(handle.run_id, status)
 

@@ -12,6 +12,7 @@ depend on its batchmates.
 
 import inspect
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -133,6 +134,8 @@ class ContinuousBatcher(Generic[T]):
             logits_to_keep=1,
         )
         token = self._pick(out.logits[:, -1, :], [row])[0]
+        if isinstance(token, Exception):
+            raise token
         return cache, torch.ones_like(ids), token
 
     def _join(self, joining: list[tuple[_Row[T], DynamicCache, torch.Tensor]]) -> None:
@@ -175,27 +178,38 @@ class ContinuousBatcher(Generic[T]):
             return [(r.tag, exc) for r in rows]
         return self._advance(self._pick(out.logits[:, -1, :], rows))
 
-    def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int]:
-        """Each row's next token: argmax when greedy, else top-p sampling at its temperature."""
-        picked = logits.argmax(dim=-1).tolist()
+    def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int | Exception]:
+        """Each row's next token: argmax when greedy, else top-p sampling at its temperature.
+
+        A row whose logits are NaN, or whose sampling fails, gets an exception instead of a
+        token: it alone ends with an error, the other rows go on.
+        """
+        logits = logits.float()
+        broken = torch.isnan(logits).any(dim=-1).tolist()
+        picked: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
         for i, row in enumerate(rows):
-            params = row.request.params
-            if params.greedy:
-                continue
-            probs = torch.softmax(logits[i].float() / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                ordered, order = probs.sort(descending=True)
-                outside = ordered.cumsum(-1) - ordered > params.top_p
-                probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
-            picked[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            if broken[i]:
+                picked[i] = FloatingPointError("the model produced NaN logits")
+            elif not row.request.params.greedy:
+                try:
+                    picked[i] = _sample(logits[i], row.request.params, row.generator)
+                except (RuntimeError, FloatingPointError) as exc:
+                    picked[i] = exc
         return picked
 
-    def _advance(self, tokens: list[int], first: int = 0) -> list[tuple[T, Completion | Exception]]:
+    def _advance(
+        self, tokens: Sequence[int | Exception], first: int = 0
+    ) -> list[tuple[T, Completion | Exception]]:
         """Append the new tokens to the rows from `first` on; remove the rows that are done."""
         assert self._cache is not None and self._mask is not None
         eos = self.backend.eos_ids
-        keep, done = list(range(first)), []
+        keep: list[int] = list(range(first))
+        done: list[tuple[T, Completion | Exception]] = []
         for i, (row, token) in enumerate(zip(self.running[first:], tokens, strict=True), first):
+            if isinstance(token, Exception):
+                log.warning("request %s failed while decoding: %s", row.request.id, token)
+                done.append((row.tag, token))
+                continue
             row.ids.append(token)
             if (
                 token in eos
@@ -219,6 +233,20 @@ class ContinuousBatcher(Generic[T]):
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         return done
+
+
+def _sample(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:
+    """One token from softmax(logits / temperature) within the top_p nucleus. The largest logit
+    is subtracted first, so no temperature the request may ask for can overflow."""
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered > params.top_p
+        probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0.0:
+        raise FloatingPointError("no probability mass left to sample from")
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _stopped(row: _Row[Any], tokenizer: Any) -> bool:

@@ -1,11 +1,30 @@
-"""Queue names and their idempotent declaration: declaring twice changes nothing."""
+"""Queue names and their idempotent declaration, the same for the worker, the client and the
+dead-letter tools: declaring twice changes nothing, and every declarer passes the same arguments.
+
+The request queue is a quorum queue (RabbitMQ's reliability guide: replicated, and with a
+delivery limit): a message redelivered more than `delivery_limit` times, because the workers
+holding it crashed or were stopped, is dead-lettered instead of killing worker after worker. A
+message that cannot be served is dead-lettered by the worker itself, with why in its headers.
+"""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
+from pika.exceptions import ChannelClosedByBroker
+
+if TYPE_CHECKING:
+    from {{ cookiecutter.package_name }}.settings import Settings
 
 REPLY_QUEUE_EXPIRES_MS = 15 * 60 * 1000  # an abandoned client's reply queue goes away
+# Headers of a dead-lettered message: why it was refused, set by the worker.
+ERROR_TYPE_HEADER = "x-error-type"
+ERROR_MESSAGE_HEADER = "x-error-message"
+
+
+class TopologyError(RuntimeError):
+    """A queue exists with other arguments than these settings give it; the message says how
+    to reconcile them. Not a connection problem: retrying cannot fix it."""
 
 
 @dataclass(frozen=True)
@@ -28,22 +47,50 @@ class Names:
         return f"{self.prefix}.replies.{client_id}"
 
 
-def declare(channel: Any, names: Names, max_length: int | None = None) -> None:
-    """The durable request queue, dead-lettering into a durable dead-letter queue.
+@dataclass(frozen=True)
+class QueueOptions:
+    """The request queue's arguments (QUEUE_MAX_LENGTH, QUEUE_DELIVERY_LIMIT)."""
 
-    With `max_length`, a full queue refuses new messages (the publisher's confirm is a nack),
-    which pushes back on producers instead of dropping the oldest requests.
+    max_length: int | None = None
+    delivery_limit: int = 3
+
+    def arguments(self, names: Names) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": names.dead_letter_exchange,
+            "x-dead-letter-routing-key": names.requests,
+        }
+        if self.max_length:
+            # A full queue refuses new messages (the publisher's confirm is a nack), which
+            # pushes back on producers instead of dropping the oldest requests.
+            arguments |= {"x-max-length": self.max_length, "x-overflow": "reject-publish"}
+        return arguments
+
+
+def declare(channel: Any, names: Names, options: QueueOptions | None = None) -> None:
+    """The durable quorum request queue, dead-lettering into a durable dead-letter queue.
+
+    Raises TopologyError (one line) if a queue exists with other arguments.
     """
     channel.exchange_declare(names.dead_letter_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(names.dead_letters, durable=True)
+    _declare(channel, names.dead_letters, {"x-queue-type": "quorum"})
     channel.queue_bind(names.dead_letters, names.dead_letter_exchange, routing_key=names.requests)
-    arguments: dict[str, Any] = {
-        "x-dead-letter-exchange": names.dead_letter_exchange,
-        "x-dead-letter-routing-key": names.requests,
-    }
-    if max_length:
-        arguments |= {"x-max-length": max_length, "x-overflow": "reject-publish"}
-    channel.queue_declare(names.requests, durable=True, arguments=arguments)
+    _declare(channel, names.requests, (options or QueueOptions()).arguments(names))
+
+
+def _declare(channel: Any, name: str, arguments: dict[str, Any]) -> None:
+    try:
+        channel.queue_declare(name, durable=True, arguments=arguments)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: the queue exists, declared otherwise
+            raise
+        shown = ", ".join(f"{k}={v}" for k, v in arguments.items() if k != "x-dead-letter-exchange")
+        raise TopologyError(
+            f"queue {name} already exists with other arguments than these settings ({shown}): "
+            f"the broker says {exc.reply_text}; use the settings it was declared with, or drain "
+            "and delete it (an older version declared a classic queue)"
+        ) from None
 
 
 def delete(channel: Any, names: Names) -> None:
@@ -64,3 +111,8 @@ def connection_parameters(url: str, heartbeat_s: int) -> pika.URLParameters:
     parameters.blocked_connection_timeout = max(60, 4 * heartbeat_s)
     parameters.connection_attempts = 1  # the caller retries with backoff
     return parameters
+
+
+def options_for(settings: "Settings") -> QueueOptions:
+    """The request queue's arguments as the settings give them: one place for every declarer."""
+    return QueueOptions(settings.queue_max_length, settings.queue_delivery_limit)

@@ -7,11 +7,17 @@ Delivery is at-least-once: a request is acked only after its reply is confirmed 
 so a crash or a lost connection redelivers it. Generation runs in its own thread and hands
 replies back with `connection.add_callback_threadsafe`, so heartbeats keep flowing during a long
 batch. A message that cannot be served gets an error reply (when it has a `reply_to`) and is
-dead-lettered; the worker keeps serving.
+dead-lettered with why in its headers; the worker keeps serving: nothing a client sends can
+raise out of a pika callback.
+
+A worker never sits alive and useless: if its generation thread dies, it logs why and exits
+non-zero (WorkerFailed), so its supervisor restarts it and the broker redelivers what it held. A
+consumer cancelled by the broker (its queue deleted) re-declares the topology and resumes.
 """
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,11 +29,14 @@ import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError, UnroutableError
 
 from {{ cookiecutter.package_name }}.batching import DynamicBatcher
-from {{ cookiecutter.package_name }}.messages import Reply
+from {{ cookiecutter.package_name }}.messages import Reply, RequestError
 from {{ cookiecutter.package_name }}.queue.topology import (
+    ERROR_MESSAGE_HEADER,
+    ERROR_TYPE_HEADER,
     Names,
     connection_parameters,
     declare,
+    options_for,
 )
 from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import Settings, redact_url
@@ -38,6 +47,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
+EXIT_FAILED = 3  # the worker's exit status when it stops because a part of it died
+
+
+class WorkerFailed(RuntimeError):
+    """A thread the worker needs died; the process must exit non-zero to be restarted."""
+
+
+class ConsumerCancelled(AMQPChannelError):
+    """The broker cancelled our consumer (e.g. the queue was deleted): reconnect, re-declare."""
 
 
 @dataclass
@@ -46,6 +64,7 @@ class Delivery:
     reply_to: str
     correlation_id: str
     admitted: Admitted
+    body: bytes
 
 
 @dataclass
@@ -111,24 +130,30 @@ class Worker:
         }
 
     def run(self) -> None:
-        """Serve until `stop()`, reconnecting with backoff whenever the connection is lost."""
+        """Serve until `stop()`, reconnecting with backoff whenever the connection is lost.
+
+        Raises WorkerFailed if the generation thread dies, and TopologyError if the queues
+        exist with other arguments: neither is fixed by reconnecting.
+        """
         delay = 0.5
-        while not self._stop.is_set():
-            try:
-                self._serve()
-                delay = 0.5
-            except CONNECTION_ERRORS as exc:
-                if self._stop.is_set():
-                    break
-                self.counters.reconnects += 1
-                log.warning("connection lost (%s); reconnecting in %.1f s", _short(exc), delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
-        log.info(
-            "stopped: %d served, %d errors, %d dead-lettered, %d reconnects",
-            self.counters.served, self.counters.errors,
-            self.counters.dead_lettered, self.counters.reconnects,
-        )  # fmt: skip
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._serve()
+                    delay = 0.5
+                except CONNECTION_ERRORS as exc:
+                    if self._stop.is_set():
+                        break
+                    self.counters.reconnects += 1
+                    log.warning("connection lost (%s); reconnecting in %.1f s", _short(exc), delay)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 10.0)
+        finally:
+            log.info(
+                "stopped: %d served, %d errors, %d dead-lettered, %d reconnects",
+                self.counters.served, self.counters.errors,
+                self.counters.dead_lettered, self.counters.reconnects,
+            )  # fmt: skip
 
     def _serve(self) -> None:
         url = self.settings.rabbitmq_url
@@ -151,14 +176,18 @@ class _Session:
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.leftover: list[Delivery] = []
         self.generation_done = threading.Event()
+        self.abort = threading.Event()  # the session ends without finishing its batch
+        self.failure: BaseException | None = None
+        self.cancelled = False
         self.thread = threading.Thread(target=self._generate_loop, name="generation", daemon=True)
 
     def serve(self) -> None:
         names, settings = self.worker.names, self.settings
-        declare(self.channel, names, settings.queue_max_length)
+        declare(self.channel, names, options_for(settings))
         self.channel.confirm_delivery()
         prefetch = settings.prefetch_count or 2 * settings.max_batch_size
         self.channel.basic_qos(prefetch_count=prefetch)
+        self.channel.add_on_cancel_callback(self._on_cancelled)
         tag = self.channel.basic_consume(names.requests, on_message_callback=self._on_message)
         self.thread.start()
         log.info(
@@ -168,6 +197,7 @@ class _Session:
         last_report = time.monotonic()
         while not self.worker._stop.is_set():
             self.connection.process_data_events(time_limit=0.2)
+            self._check_alive()
             if time.monotonic() - last_report >= settings.report_every_s:
                 c = self.worker.counters
                 log.info(
@@ -178,70 +208,132 @@ class _Session:
         self.channel.basic_cancel(tag)
         while not self.generation_done.is_set():
             self.connection.process_data_events(time_limit=0.2)
+        self._check_alive()
         self.connection.process_data_events(time_limit=0)  # run the last acks
         requeued = self.leftover + _drain(self.inbox)
         for delivery in requeued:
             self.channel.basic_nack(delivery.tag, requeue=True)
         log.info("finished the batch in hand; requeued %d waiting requests", len(requeued))
 
+    def _check_alive(self) -> None:
+        """The watchdog: a dead generation thread or a cancelled consumer ends the session."""
+        if self.failure is not None:
+            raise WorkerFailed(f"the generation thread died: {_short(self.failure)}")
+        if self.cancelled:
+            raise ConsumerCancelled("the broker cancelled the consumer (was the queue deleted?)")
+
     def close(self) -> None:
-        self.generation_done.wait(timeout=600)  # never two batches of one model at once
+        self.abort.set()
+        self.generation_done.wait(timeout=60)  # never two batches of one model at once
         if self.connection.is_open:
             try:
-                self.connection.close()
+                self.connection.close()  # unacked deliveries go back to the queue
             except CONNECTION_ERRORS:
                 pass
 
     # -- connection thread ---------------------------------------------------------------------
 
+    def _on_cancelled(self, frame: Any) -> None:
+        log.warning("the broker cancelled the consumer of %s", self.worker.names.requests)
+        self.cancelled = True
+
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        fallback_id = (
-            properties.message_id or properties.correlation_id or f"delivery-{method.delivery_tag}"
-        )
-        admitted = self.worker.service.admit(body, str(fallback_id))
+        """Admit one delivery; whatever it holds, it is queued for generation, answered with an
+        error and dead-lettered, or (if even that fails) dead-lettered by the broker."""
+        try:
+            self._admit(method.delivery_tag, properties, body)
+        except CONNECTION_ERRORS:
+            raise  # the session ends and reconnects; the broker redelivers
+        except Exception:  # nothing a client sends may stop the consumer
+            log.exception("could not handle delivery %d", method.delivery_tag)
+            self.channel.basic_nack(method.delivery_tag, requeue=False)
+            self.worker.counters.dead_lettered += 1
+            self.worker.counters.errors += 1
+
+    def _admit(self, tag: int, properties: Any, body: bytes) -> None:
+        fault = self.settings.fault_exit_on
+        if fault and fault.encode() in body:
+            log.critical("fault injection: exiting on a message that holds %r", fault)
+            os._exit(EXIT_FAILED)
+        fallback_id = f"delivery-{tag}"
+        admitted = self.worker.service.admit(body, fallback_id)
         reply_to = properties.reply_to or ""
         correlation_id = properties.correlation_id or ""
         if isinstance(admitted, Reply):
             log.warning(
                 "rejected %s: %s", admitted.id, admitted.error.message if admitted.error else ""
             )
-            self._dead_letter(method.delivery_tag, reply_to, correlation_id, admitted)
+            self._dead_letter(tag, reply_to, correlation_id, admitted, body)
             return
         if not reply_to:
             log.warning(
                 "rejected %s: no reply_to, the reply could not be routed", admitted.request.id
             )
-            self._dead_letter(method.delivery_tag, "", correlation_id, None)
+            error = RequestError("no_reply_to", "the message has no reply_to: nowhere to reply")
+            self._dead_letter(
+                tag, "", correlation_id, Reply.failure(admitted.request.id, error), body
+            )
             return
-        correlation_id = correlation_id or admitted.request.id
-        self.inbox.put(Delivery(method.delivery_tag, reply_to, correlation_id, admitted))
+        self.inbox.put(Delivery(tag, reply_to, correlation_id, admitted, body))
 
     def _complete(self, deliveries: list[Delivery], replies: list[Reply]) -> None:
         for delivery, reply in zip(deliveries, replies, strict=True):
-            if reply.error is not None:
-                self._dead_letter(delivery.tag, delivery.reply_to, delivery.correlation_id, reply)
-                continue
-            if self._publish(delivery.reply_to, delivery.correlation_id, reply):
-                self.channel.basic_ack(delivery.tag)
-                self.worker.counters.served += 1
-            else:  # the reply queue is gone: keep the request, dead-lettered, not lost
+            try:
+                self._complete_one(delivery, reply)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception:  # one bad reply must not stop the others
+                log.exception("could not complete request %s", delivery.admitted.request.id)
                 self.channel.basic_nack(delivery.tag, requeue=False)
                 self.worker.counters.dead_lettered += 1
 
+    def _complete_one(self, delivery: Delivery, reply: Reply) -> None:
+        if reply.error is not None:
+            self._dead_letter(
+                delivery.tag, delivery.reply_to, delivery.correlation_id, reply, delivery.body
+            )
+            return
+        if self._publish(delivery.reply_to, delivery.correlation_id, reply):
+            self.channel.basic_ack(delivery.tag)
+            self.worker.counters.served += 1
+        else:  # the reply queue is gone: keep the request, dead-lettered, not lost
+            error = RequestError("reply_undeliverable", f"reply queue {delivery.reply_to} is gone")
+            self._dead_letter(delivery.tag, "", "", Reply.failure(reply.id, error), delivery.body)
+
     def _dead_letter(
-        self, tag: int, reply_to: str, correlation_id: str, reply: Reply | None
+        self, tag: int, reply_to: str, correlation_id: str, reply: Reply, body: bytes
     ) -> None:
-        if reply is not None and reply_to:
-            self._publish(reply_to, correlation_id or reply.id, reply)
-        self.channel.basic_nack(tag, requeue=False)
-        self.worker.counters.errors += reply is not None
+        """Send the error reply (when it can be routed), then move the message to the
+        dead-letter queue with why in its headers, confirmed before the original is acked."""
+        if reply_to:
+            self._publish(reply_to, correlation_id, reply)
+        error = reply.error
+        headers = {
+            ERROR_TYPE_HEADER: error.type if error else "error",
+            ERROR_MESSAGE_HEADER: (error.message if error else "")[:1000],
+        }
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=headers,
+            correlation_id=correlation_id or None,
+            reply_to=reply_to or None,
+        )
+        names = self.worker.names
+        try:
+            self.channel.basic_publish(
+                names.dead_letter_exchange, names.requests, body, properties, mandatory=True
+            )
+            self.channel.basic_ack(tag)
+        except (UnroutableError, NackError):  # let the broker dead-letter it, without headers
+            self.channel.basic_nack(tag, requeue=False)
+        self.worker.counters.errors += 1
         self.worker.counters.dead_lettered += 1
 
     def _publish(self, reply_to: str, correlation_id: str, reply: Reply) -> bool:
         """Publish a reply and wait for the broker's confirm; False if it cannot be routed."""
         properties = pika.BasicProperties(
             content_type="application/json",
-            correlation_id=correlation_id,
+            correlation_id=correlation_id or None,
             delivery_mode=pika.DeliveryMode.Persistent,
         )
         try:
@@ -256,14 +348,20 @@ class _Session:
     # -- generation thread ---------------------------------------------------------------------
 
     def _generate_loop(self) -> None:
-        batcher = self.worker.service.continuous(self.settings)
         try:
+            batcher = self.worker.service.continuous(self.settings)
             if batcher is None:
                 self._static_loop()
             else:
                 self._continuous_loop(batcher)
+        except BaseException as exc:  # the watchdog in serve() ends the worker with it
+            log.critical("the generation thread died", exc_info=True)
+            self.failure = exc
         finally:
             self.generation_done.set()
+
+    def _running(self) -> bool:
+        return not self.abort.is_set() and self.connection.is_open
 
     def _static_loop(self) -> None:
         """Whole batches from the dynamic batcher, each run to completion and then acked."""
@@ -275,13 +373,13 @@ class _Session:
             settings.sort_by_length,
         )
         try:
-            while not self.worker._stop.is_set() and self.connection.is_open:
+            while not self.worker._stop.is_set() and self._running():
                 wait = batcher.seconds_until_due()
                 try:
                     delivery = self.inbox.get(timeout=0.2 if wait is None else min(wait, 0.2))
-                    batcher.add(delivery, delivery.admitted.request.tokens)
-                    for more in _drain(self.inbox):
-                        batcher.add(more, more.admitted.request.tokens)
+                    for one in [delivery, *_drain(self.inbox)]:
+                        self._fault(one)
+                        batcher.add(one, one.admitted.request.tokens)
                 except queue.Empty:
                     pass
                 batch = batcher.pop_batch()
@@ -297,7 +395,7 @@ class _Session:
         log.info("continuous batching: up to %d requests decode together", batcher.max_batch_size)
         try:
             stopping = False
-            while self.connection.is_open:
+            while self._running():
                 if self.worker._stop.is_set():
                     if not stopping:
                         log.info(
@@ -316,12 +414,18 @@ class _Session:
                         except queue.Empty:
                             continue
                     for delivery in arrived:
+                        self._fault(delivery)
                         batcher.add(delivery.admitted.request, delivery)
                 done = batcher.step()
                 if done:
                     self._reply(done, decoding=len(batcher.running) + len(done))
         finally:
             self.leftover += batcher.take_waiting()
+
+    def _fault(self, delivery: Delivery) -> None:
+        fault = self.settings.fault_generation_on
+        if fault and fault in delivery.admitted.request.text:
+            raise RuntimeError(f"fault injection: the generation thread dies on {fault!r}")
 
     def _reply(self, done: list[tuple[Delivery, Any]], decoding: int) -> None:
         deliveries = [delivery for delivery, _ in done]
