@@ -5,9 +5,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from {{ cookiecutter.package_name }}.messages import RequestError, parse_request
+from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PromptBuilder
 
-from .chat_templates import CHATML
+from .chat_templates import CHATML, jinja
 
 DEFAULTS = GenerationParams(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None, stop=())
 
@@ -81,5 +82,41 @@ def test_an_absurd_max_new_tokens_is_refused_before_tokenizing(tokenizer):
 
 def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]")
-    with pytest.raises(ValueError, match="chat template"):
+    with pytest.raises(ModelSourceError, match="chat template"):
         PromptBuilder(bare, context_window=64)
+
+
+# Like Gemma's or Mistral's: no system role, and user and assistant must alternate.
+STRICT = jinja(
+    "<% for m in messages %><% if m['role'] == 'system' %>"
+    "<< raise_exception('System role not supported') >><% endif %>"
+    "<% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %>"
+    "<< raise_exception('Conversation roles must alternate user/assistant/user/assistant') >>"
+    "<% endif %><< m['content'] >> <% endfor %>"
+)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+        [{"role": "user", "content": "U"}, {"role": "user", "content": "again"}],
+    ],
+    ids=["system role", "two user turns"],
+)
+def test_a_chat_template_that_refuses_the_messages_is_that_request_s_error(tokenizer, messages):
+    strict = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]", eos_token="<|im_end|>"
+    )
+    strict.chat_template = STRICT
+    request = parse_request({"id": "t", "messages": messages})
+    with pytest.raises(RequestError) as caught:
+        builder(strict).prepare(request)
+    assert caught.value.kind == "invalid_request"
+    assert "chat template refused" in str(caught.value)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-6, 0.0])
+def test_a_temperature_too_small_to_divide_by_is_greedy(tokenizer, temperature):
+    request = parse_request({"id": "t", "prompt": "a", "temperature": temperature})
+    assert builder(tokenizer).prepare(request).params.greedy
