@@ -13,6 +13,10 @@ SLUG = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 PACKAGE = re.compile(r"^[a-z_][a-z0-9_]*$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,100})?$")
+# A local directory: the characters of ordinary paths only. The answer is also rendered through
+# tojson, so even a path this lets through cannot become code; it is also written into comments
+# (.env.example) and Markdown, where a quote, `$` or a newline would do harm.
+LOCAL_PATH = re.compile(r"^(?:/|\./|\.\./|~/?)[\w./@+-]*$")
 BUNDLED_MODELS = {"SmolLM2-135M-Instruct"}
 PYTHON_VERSIONS = {"3.11", "3.12", "3.13"}
 # Import names the rendered project depends on (now or behind later options) or uses itself.
@@ -38,6 +42,16 @@ CHOICES = {
 }  # fmt: skip
 # Measured by the quality gate on the bundled SmolLM2-135M: these lose too much (see README).
 GATE_FAILS_ON_BUNDLED = {"int8", "int8_float32", "int16"}
+
+
+def check_single_lines(answers: dict) -> None:
+    """No answer may hold a control character: each is written into comments, Markdown, TOML
+    and YAML, where a newline would start a line of its own."""
+    for key, value in answers.items():
+        if key.startswith("_") or not isinstance(value, str):
+            continue
+        if any(not ch.isprintable() for ch in value):
+            fail(f"{key} must be one line of printable characters")
 
 
 def check_names(answers: dict) -> None:
@@ -96,6 +110,11 @@ def check_model(model_id: str) -> None:
             fail(f"model_id {model_id!r} is not a bundled model; bundled: {known}")
         return
     if model_id.startswith(("/", "./", "../", "~")):
+        if not LOCAL_PATH.match(model_id):
+            fail(
+                f"model_id {model_id!r} is not a plain local path: use letters, digits and "
+                "/ . _ - @ + only (no spaces, quotes or shell characters)"
+            )
         return  # a local directory: it may exist only where the project is deployed
     if not HUB_ID.match(model_id) or ".." in model_id or "--" in model_id:
         fail(
@@ -110,6 +129,7 @@ def fail(message: str) -> None:
 
 
 if __name__ == "__main__":
+    check_single_lines(ANSWERS)
     check_names(ANSWERS)
     check_choices(ANSWERS)
     check_model(ANSWERS["model_id"])

@@ -265,3 +265,30 @@ def test_the_model_answer_becomes_the_default_setting(bake, default_answers):
     project = bake(default_answers | {"model_id": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"})
     settings = (project / "src" / package_of(project) / "settings.py").read_text()
     assert 'DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"' in settings
+
+
+# Answers that would be code, shell or markup if pasted raw into a file. (Jinja markers are not
+# among them: cookiecutter renders answers as templates before any hook sees them.)
+HOSTILE_ANSWERS = {
+    "project_name": "Evil \"\"\" ''' $(touch PWNED) `touch PWNED` \\ name",
+    "author_name": '"; import os; os.system("touch PWNED") #',
+    "description": '"""; __import__(\'os\').system(\'touch PWNED\'); """ \\',
+    "model_id": "./models/a+b@v1",
+}
+
+
+def test_hostile_answers_are_rendered_as_literals_and_never_run(bake, default_answers, tmp_path):
+    import tomllib
+
+    project = bake(default_answers | HOSTILE_ANSWERS)
+    package = package_of(project)
+    run([*RUFF, "check", "--no-cache", "."], project)
+    check = (
+        f"from {package}.settings import DEFAULT_MODEL; import {package}.cli; print(DEFAULT_MODEL)"
+    )
+    result = run([sys.executable, "-c", check], project)
+    assert result.stdout.strip() == HOSTILE_ANSWERS["model_id"]
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    assert meta["description"] == HOSTILE_ANSWERS["description"]
+    assert meta["authors"][0]["name"] == HOSTILE_ANSWERS["author_name"]
+    assert not list(project.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()

@@ -20,6 +20,10 @@ INVALID = [
     ({"model_id": "not a model!!"}, "is neither bundled:<name>, a Hub id"),
     ({"model_id": "bundled:GPT-9"}, "'bundled:GPT-9' is not a bundled model"),
     ({"model_id": "org/" + "x" * 90}, "over 80"),
+    ({"model_id": './m"; import os; os.system("id") #'}, "is not a plain local path"),
+    ({"model_id": "/models/$(id)"}, "is not a plain local path"),
+    ({"description": "one line\nLLM_SERVICE_MODEL=/evil"}, "description must be one line"),
+    ({"author_name": "tab\there"}, "author_name must be one line"),
     ({"quantization": "int8"}, "quantization=int8 needs inference_backend=ctranslate2"),
     (
         {"inference_backend": "ctranslate2", "quantization": "int16"},

@@ -224,7 +224,12 @@ def batch(
         serve_lines,
         summarize_replies,
     )
-    from {{ cookiecutter.package_name }}.tracking import settings_params, start_run
+    from {{ cookiecutter.package_name }}.tracking import (
+        end_interrupted_runs,
+        output_tag,
+        settings_params,
+        start_run,
+    )
 {% if cookiecutter.worker_runtime == "ray" %}
     settings = load_settings(replicas=replicas)
 {%- else %}
@@ -240,7 +245,10 @@ def batch(
     params = settings_params(settings) | {"input_file": source.name, "resume": resume}
     sizes: list[int] = []
     # The run opens first: an unreachable tracking server fails before the model loads.
+    if resume:
+        end_interrupted_runs(settings, "batch", target)
     with _interruptible(writer), start_run(settings, "batch", params) as run:
+        run.set_tags({"output": output_tag(target)})
         with _progress("generating") as on_progress:
             started = time.perf_counter()
 {%- if cookiecutter.worker_runtime == "ray" %}
@@ -309,7 +317,12 @@ def worker() -> None:
     if settings.replicas:
         from {{ cookiecutter.package_name }}.distributed import run_workers
 
-        for index, counters in enumerate(run_workers(settings, settings.replicas, stopping)):
+        try:
+            results = run_workers(settings, settings.replicas, stopping)
+        except WorkerFailed as exc:
+            typer.echo(f"error: {exc}; exiting so that the worker is restarted", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
+        for index, counters in enumerate(results):
             typer.echo(f"replica {index}: {counters}")
         return
 {%- else %}

@@ -5,22 +5,47 @@ its process dies (its unacked requests are redelivered by the broker meanwhile).
 spreads shards of its input over the replicas and puts the replies back in input order.
 """
 
+import hashlib
 import logging
 import os
 import secrets
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util import ActorPool
 
 from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.settings import Settings
+from {{ cookiecutter.package_name }}.queue.worker import WorkerFailed
+from {{ cookiecutter.package_name }}.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+# Ray's socket paths are its session folder plus about 70 characters; AF_UNIX allows 107.
+MAX_SESSION_ROOT = 107 - 70
+
+
+class ReplicaStartError(SettingsError):
+    """The replicas could not be placed or started; the message names what was asked and what
+    the cluster has."""
+
+
+def session_root(settings: Settings) -> Path:
+    """A short folder for Ray's session files (and sockets), one per project cache: under the
+    system's temp folder, not the home folder, whose length is the user's."""
+    digest = hashlib.sha256(str(settings.cache_dir.resolve()).encode()).hexdigest()[:8]
+    root = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}-{digest}"
+    if len(str(root)) > MAX_SESSION_ROOT:
+        raise ReplicaStartError(
+            f"Ray's session folder {root} is {len(str(root))} characters long: its socket paths "
+            f"would pass the 107-byte limit of Unix sockets; set TMPDIR to a folder of at most "
+            f"{MAX_SESSION_ROOT - 20} characters (e.g. /tmp)"
+        )
+    return root
 
 
 def init_ray(settings: Settings) -> None:
@@ -44,8 +69,9 @@ def init_ray(settings: Settings) -> None:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
     os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))  # else Ray writes ~/.ray/auth_token
-    log.info("starting a local Ray instance (session files in %s)", ray_dir)
-    ray.init(num_cpus=settings.ray_num_cpus, _temp_dir=str(ray_dir / "session"), **options)
+    session = session_root(settings)
+    log.info("starting a local Ray instance (session files in %s)", session)
+    ray.init(num_cpus=settings.ray_num_cpus, _temp_dir=str(session), **options)
 
 
 def replica_settings(settings: Settings) -> Settings:
@@ -95,7 +121,10 @@ class Replica:
 
 
 def start_replicas(settings: Settings, count: int) -> list[Any]:
+    """`count` replicas with their models loaded. Raises ReplicaStartError (one line) if they
+    cannot be placed or loaded within RAY_START_TIMEOUT_S."""
     init_ray(settings)
+    prepare_tracking(settings)
     options = {
         "num_cpus": settings.ray_cpus_per_replica,
         "num_gpus": settings.ray_gpus_per_replica,
@@ -103,7 +132,39 @@ def start_replicas(settings: Settings, count: int) -> list[Any]:
         "max_task_retries": -1,  # a restarted replica takes up run() again
     }
     per_replica = replica_settings(settings)
-    return [Replica.options(**options).remote(per_replica, i) for i in range(count)]
+    replicas = [Replica.options(**options).remote(per_replica, i) for i in range(count)]
+    try:
+        ray.get([r.__ray_ready__.remote() for r in replicas], timeout=settings.ray_start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        available, total = ray.available_resources(), ray.cluster_resources()
+        ray.shutdown()
+        raise ReplicaStartError(
+            f"{count} replicas asking for {settings.ray_cpus_per_replica:g} CPU and "
+            f"{settings.ray_gpus_per_replica:g} GPU each did not start within "
+            f"{settings.ray_start_timeout_s:g} s; Ray has {available.get('CPU', 0):g} of "
+            f"{total.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} of "
+            f"{total.get('GPU', 0):g} GPUs free: ask for fewer (--replicas, "
+            "RAY_CPUS_PER_REPLICA) or add nodes"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        ray.shutdown()
+        raise ReplicaStartError(f"a replica failed to start: {_first_line(exc)}") from None
+    return replicas
+
+
+def prepare_tracking(settings: Settings) -> None:
+    """Create the tracking store's tables and the experiment once, before replicas open runs
+    at the same moment (two processes creating a fresh SQLite store collide)."""
+    if not settings.tracking:
+        return
+    from {{ cookiecutter.package_name }}.tracking import client_for, experiment_id
+
+    experiment_id(client_for(settings), settings)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def run_workers(settings: Settings, count: int, stop: threading.Event) -> list[dict[str, int]]:
@@ -116,9 +177,15 @@ def run_workers(settings: Settings, count: int, stop: threading.Event) -> list[d
     running = [r.run.remote() for r in replicas]
     try:
         while not stop.is_set():
-            done, _ = ray.wait(running, num_returns=len(running), timeout=0.5)
-            if len(done) == len(running):
-                break
+            done, _ = ray.wait(running, num_returns=1, timeout=0.5)
+            if done:  # a replica ended on its own: past its restarts, or its worker failed
+                index = running.index(done[0])
+                try:
+                    ray.get(done[0])
+                    reason = "it returned"
+                except ray.exceptions.RayError as exc:
+                    reason = _first_line(exc)
+                raise WorkerFailed(f"replica {index} stopped serving ({reason})")
         ray.get([r.stop.remote() for r in replicas])
         return ray.get(running)
     finally:
@@ -135,9 +202,8 @@ def run_batch(
     """Replies to every line, in input order, computed by `count` replicas in shards, and the
     seconds they took once every replica had loaded its model. `on_reply` gets each reply as
     soon as its shard is back."""
-    replicas = start_replicas(settings, count)
+    replicas = start_replicas(settings, count)  # models loaded before timing
     try:
-        ray.get([r.__ray_ready__.remote() for r in replicas])  # models loaded before timing
         started = time.perf_counter()
         size = max(1, settings.max_batch_size)
         shards = [lines[i : i + size] for i in range(0, len(lines), size)]

@@ -1,5 +1,6 @@
 """Every setting in one place: defaults that work offline, overridable by environment or `.env`."""
 
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -8,7 +9,7 @@ from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
-DEFAULT_MODEL = "{{ cookiecutter.model_id }}"
+DEFAULT_MODEL = {{ cookiecutter.model_id | tojson }}
 DEFAULT_QUEUE_PREFIX = "{{ cookiecutter.project_slug }}"
 {%- if cookiecutter.tracking_backend == "mysql" %}
 # The server's store; a password belongs in the environment or .env, never here.
@@ -208,3 +209,7 @@ def load_settings(**overrides: object) -> Settings:
             f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None
+    except ValueError as exc:  # a value pydantic-settings cannot even decode (e.g. a list)
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{found.group(1).upper()}" if found else "a setting"
+        raise SettingsError(f"invalid settings: {name}: {str(exc).splitlines()[0]}") from None

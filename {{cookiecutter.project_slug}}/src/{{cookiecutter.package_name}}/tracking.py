@@ -186,6 +186,35 @@ def start_run(
         client.set_terminated(handle.run_id, status)
 
 
+def output_tag(path: Path) -> str:
+    """A tag value naming a job's output file (a digest: any path is a safe filter value)."""
+    import hashlib
+
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+def end_interrupted_runs(settings: Settings, kind: str, output: Path) -> int:
+    """Mark KILLED the runs of `kind` for `output` still RUNNING: their process was killed
+    (kill -9, power loss) before it could end them. Returns how many were ended."""
+    if not settings.tracking:
+        return 0
+    client = client_for(settings)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        return 0
+    stale = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.kind = '{kind}' and tags.output = '{output_tag(output)}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in stale:
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.info("run %s of an interrupted %s ended as KILLED", run.info.run_id, kind)
+    return len(stale)
+
+
 def settings_params(settings: Settings) -> dict[str, object]:
     """The settings a run's results depend on: model, batching and generation. An allow-list:
     anything that may hold a secret (broker and store URLs) is left out by construction."""

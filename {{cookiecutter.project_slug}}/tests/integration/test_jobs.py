@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,58 @@ def test_model_pull_prints_the_model_directory(model_dir):
     result = cli("model", "pull")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == model_dir
+
+
+def batch_runs() -> dict[str, str]:
+    """run id -> status of the batch runs in the tests' tracking store."""
+    from mlflow import MlflowClient
+
+    store = Path(os.environ[f"{ENV_PREFIX}TRACKING_DIR"]).resolve() / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.kind = 'batch'"
+    )
+    return {run.info.run_id: run.info.status for run in runs}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
+def test_an_interrupted_batch_resumes_with_every_id_exactly_once(sig, tmp_path, model_dir):
+    ids = [f"q{i:02d}" for i in range(40)]
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"Say {i} in words.", "max_new_tokens": 10}) + "\n"
+            for i in ids
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, f"{ENV_PREFIX}MAX_BATCH_SIZE": "4"}
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "batch", str(source)]
+    runs_before = batch_runs()
+    job = subprocess.Popen(
+        [*command, str(out)], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not out.is_file() or len(out.read_text().splitlines()) < 8:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    job.send_signal(sig)
+    _, stderr = job.communicate(timeout=30)  # stops within seconds, whatever it was doing
+    if sig == signal.SIGTERM:
+        assert job.returncode == 130
+        assert "run the same command with --resume" in stderr.strip().splitlines()[-1]
+    else:
+        assert job.returncode == -signal.SIGKILL
+    before = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}  # valid JSONL
+    assert 8 <= len(before) < 40
+    result = cli("batch", str(source), str(out), "--resume", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming: {len(before)} of 40 already answered" in result.stdout
+    assert f"{40 - len(before)} inputs" in result.stdout  # nothing answered twice
+    replies = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in replies] == ids
+    assert all(r["error"] is None and r["text"] for r in replies)
+    assert all(replies[ids.index(i)] == reply for i, reply in before.items())
+    statuses = [s for run, s in batch_runs().items() if run not in runs_before]
+    assert sorted(statuses) == ["FINISHED", "KILLED"], statuses  # never left RUNNING

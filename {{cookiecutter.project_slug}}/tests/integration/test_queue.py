@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -182,64 +183,302 @@ def test_the_worker_and_client_reconnect_after_a_broker_restart(broker, prefix, 
     assert worker.process.poll() is None  # it reconnected by itself
 
 
-def test_bad_messages_are_dead_lettered_or_answered_and_the_rest_served(broker, prefix, workers):
-    worker = workers()
+def dead_lettered(broker: str, prefix: str) -> dict[str, tuple[str, str]]:
+    """Correlation id (or body) -> (error type, reason) of each message in the dead-letter queue."""
     connection = pika.BlockingConnection(pika.URLParameters(broker))
     channel = connection.channel()
-    replies = Names(prefix).replies("bad")
-    declare_reply_queue(channel, replies)
-    bad = {
-        "not-json": b"{this is not json",
-        "not-utf8": b"\xff\xfe\xfd",
-        "empty": b"",
-        "wrong-types": json.dumps({"id": "wrong-types", "prompt": 42, "top_p": "high"}).encode(),
-        "unknown-role": json.dumps(
-            {"id": "unknown-role", "messages": [{"role": "wizard", "content": "hi"}]}
-        ).encode(),
-        "too-long": json.dumps({"id": "too-long", "prompt": "many words " * 10000}).encode(),
-        "absurd-tokens": json.dumps(
-            {"id": "absurd-tokens", "prompt": "hi", "max_new_tokens": 10**12}
-        ).encode(),
-        "not-object": b"[1, 2, 3]",
-        "no-reply-to": json.dumps(
-            {"id": "no-reply-to", "prompt": "What is the capital of France?"}
-        ).encode(),
-    }
-    good = numbered(5, max_new_tokens=8)
-    for i, (name, body) in enumerate(bad.items()):
-        reply_to = None if name == "no-reply-to" else replies
-        properties = pika.BasicProperties(correlation_id=name, reply_to=reply_to, delivery_mode=2)
-        channel.basic_publish("", Names(prefix).requests, body, properties)
-        if i < len(good):  # a valid request between the bad ones
-            request = good[i]
-            properties = pika.BasicProperties(correlation_id=request["id"], reply_to=replies)
-            channel.basic_publish(
-                "", Names(prefix).requests, json.dumps(request).encode(), properties
-            )
-    received: dict[str, dict] = {}
-    deadline = time.monotonic() + 300
-    while len(received) < len(good) + len(bad) - 1 and time.monotonic() < deadline:
-        method, properties, body = channel.basic_get(replies, auto_ack=True)
+    found = {}
+    while True:
+        method, properties, body = channel.basic_get(Names(prefix).dead_letters, auto_ack=True)
         if method is None:
-            time.sleep(0.1)
-            continue
-        received[properties.correlation_id] = json.loads(body)
-    errors = {k: v["error"]["type"] for k, v in received.items() if v["error"]}
-    assert errors == {
-        "not-json": "invalid_json",
-        "not-utf8": "invalid_encoding",
-        "empty": "invalid_json",
-        "wrong-types": "invalid_request",
-        "unknown-role": "invalid_request",
-        "too-long": "context_length_exceeded",
-        "absurd-tokens": "max_new_tokens_too_large",
-        "not-object": "invalid_request",
-    }
-    assert all(received[r["id"]]["text"] for r in good)
-    channel.queue_delete(replies)
+            break
+        headers = properties.headers or {}
+        reason = headers.get("x-error-message") or headers.get("x-first-death-reason", "")
+        key = properties.correlation_id or body.decode(errors="replace")[:40]
+        found[key] = (headers.get("x-error-type", ""), reason)
     connection.close()
-    assert dead_letters(broker, prefix) == len(bad)  # nothing lost: every bad one is kept
+    return found
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+# name -> (raw body, the error type of its reply); None: a valid request that must be answered.
+CONTEXT = 512  # the worker of the test is set to this context window
+SAY_HI = {"prompt": "Say hi.", "max_new_tokens": 8}
+HOSTILE: dict[str, tuple[bytes, str | None]] = {
+    "not-json": (b"{this is not json", "invalid_json"),
+    "not-utf8": (b"\xff\xfe\xfd", "invalid_encoding"),
+    "empty": (b"", "invalid_json"),
+    "not-object": (b"[1, 2, 3]", "invalid_request"),
+    "wrong-types": (body(id="wrong-types", prompt=42, top_p="high"), "invalid_request"),
+    "unknown-role": (body(id="u", messages=[{"role": "wiz", "content": "hi"}]), "invalid_request"),
+    "lone-surrogate-content": (rb'{"id": "s", "prompt": "hi \ud800 there"}', "invalid_request"),
+    "lone-surrogate-id": (rb'{"id": "\ud800", "prompt": "hi"}', "invalid_request"),
+    "nul-in-content": (rb'{"id": "n", "prompt": "hi \u0000"}', "invalid_request"),
+    "nested-5000": (b'{"id": "d", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_json"),
+    "negative-temperature": (body(id="t", prompt="hi", temperature=-1), "invalid_request"),
+    "top-p-nan": (b'{"id": "p", "prompt": "hi", "top_p": NaN}', "invalid_json"),
+    "temperature-inf": (b'{"id": "i", "prompt": "hi", "temperature": 1e999}', "invalid_request"),
+    "max-new-tokens-0": (body(id="z", prompt="hi", max_new_tokens=0), "invalid_request"),
+    "absurd-tokens": (body(id="a", prompt="hi", max_new_tokens=10**12), "max_new_tokens_too_large"),
+    "20000-messages": (
+        body(id="m", messages=[{"role": "user", "content": "hi"}] * 20000), "request_too_large"
+    ),
+    "10000-stops": (body(id="st", prompt="hi", stop=["x"] * 10000), "invalid_request"),
+    "null-id": (body(id=None, prompt="hi"), "invalid_request"),
+    "bool-id": (body(id=True, prompt="hi"), "invalid_request"),
+    "prompt-and-messages": (
+        body(id="b", prompt="hi", messages=[{"role": "user", "content": "hi"}]), "invalid_request"
+    ),
+    "empty-messages": (body(id="e", messages=[]), "invalid_request"),
+    "assistant-last": (
+        body(id="al", messages=[{"role": "assistant", "content": "hi"}]), "invalid_request"
+    ),
+    "unknown-field": (body(id="f", prompt="hi", colour="red"), "invalid_request"),
+    "over-the-context": (body(id="c", prompt="word " * CONTEXT), "context_length_exceeded"),
+    "at-the-context-limit": (
+        body(id="cl", prompt="word " * (CONTEXT - 60), max_new_tokens=60),
+        "context_length_exceeded",
+    ),
+    "10MB-body": (body(id="big", prompt="x" * 10_000_000), "request_too_large"),
+    "no-reply-to": (body(id="nr", prompt="What is the capital of France?"), "no_reply_to"),
+    # Edge cases that are valid: each must get a real answer.
+    "integer-id": (body(id=12345, **SAY_HI), None),
+    "float-id": (body(id=2.5, **SAY_HI), None),
+    "byte-order-mark": (b"\xef\xbb\xbf" + body(id="bom", **SAY_HI), None),
+    "tiny-temperature": (body(id="tt", temperature=1e-30, **SAY_HI), None),
+    "small-temperature": (body(id="ts", temperature=1e-4, **SAY_HI), None),
+    "long-id": (body(id="i" * 256, **SAY_HI), None),
+}  # fmt: skip
+
+
+class ReplyQueue:
+    """A reply queue of the test's own, read with basic_get."""
+
+    def __init__(self, broker: str, prefix: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker))
+        self.channel = self.connection.channel()
+        self.name = Names(prefix).replies(uuid.uuid4().hex[:8])
+        declare_reply_queue(self.channel, self.name)
+        self.received: dict[str, tuple[dict, float]] = {}  # correlation id -> (reply, when)
+        self.sent: dict[str, float] = {}
+
+    def publish(self, prefix: str, name: str, raw: bytes, reply: bool = True) -> None:
+        properties = pika.BasicProperties(
+            correlation_id=name, reply_to=self.name if reply else None, delivery_mode=2
+        )
+        self.sent[name] = time.monotonic()
+        self.channel.basic_publish("", Names(prefix).requests, raw, properties)
+
+    def collect(self, names: set[str], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not names <= set(self.received) and time.monotonic() < deadline:
+            method, properties, raw = self.channel.basic_get(self.name, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            self.received[properties.correlation_id] = (json.loads(raw), time.monotonic())
+        missing = names - set(self.received)
+        assert not missing, f"no reply for {sorted(missing)}"
+
+    def close(self) -> None:
+        self.channel.queue_delete(self.name)
+        self.connection.close()
+
+
+def test_hostile_messages_get_error_replies_and_never_stop_the_worker(broker, prefix, workers):
+    worker = workers(max_batch_size=8, context_window=CONTEXT)
+    replies = ReplyQueue(broker, prefix)
+    good = []
+    for i, (name, (raw, _)) in enumerate(HOSTILE.items()):
+        replies.publish(prefix, name, raw, reply=name != "no-reply-to")
+        good.append(f"good-{i}")  # a valid request after each bad one
+        replies.publish(prefix, good[-1], body(id=good[-1], prompt="Say hi.", max_new_tokens=8))
+    answered = {name for name in HOSTILE if name != "no-reply-to"} | set(good)
+    replies.collect(answered)
+    errors = {
+        name: reply["error"]["type"] if reply["error"] else None
+        for name, (reply, _) in replies.received.items()
+        if name in HOSTILE
+    }
+    assert errors == {name: kind for name, (_, kind) in HOSTILE.items() if name != "no-reply-to"}
+    for name in (*good, *(n for n, (_, kind) in HOSTILE.items() if kind is None)):
+        reply, when = replies.received[name]
+        assert reply["text"] and reply["error"] is None, (name, reply)
+        assert when - replies.sent[name] < 120, f"{name} waited {when - replies.sent[name]:.0f} s"
+    assert replies.received["integer-id"][0]["id"] == 12345
+    assert replies.received["float-id"][0]["id"] == 2.5
+    replies.close()
+    # Every refused message is kept, with why.
+    kept = dead_lettered(broker, prefix)
+    refused = {name for name, (_, kind) in HOSTILE.items() if kind is not None}
+    assert set(kept) == refused
+    assert all(kind and reason for kind, reason in kept.values()), kept
+    assert kept["no-reply-to"][0] == "no_reply_to"
     assert worker.process.poll() is None
+    assert worker.stop() == 0
+
+
+def test_generated_requests_each_get_a_reply(broker, prefix, workers):
+    """Requests drawn by hypothesis over the schema's fields, types and edge values."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    worker = workers(max_batch_size=8)
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=30)
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", ""]),
+         "content": st.one_of(st.text(max_size=40), scalars)}
+    )  # fmt: skip
+    request = st.fixed_dictionaries(
+        {},
+        optional={
+            "id": st.one_of(scalars, st.text(min_size=1, max_size=300)),
+            "prompt": st.one_of(st.text(max_size=60), scalars),
+            "messages": st.one_of(st.lists(message, max_size=4), scalars),
+            "max_new_tokens": st.one_of(st.integers(-2, 12), scalars),
+            "temperature": st.one_of(st.floats(-1, 3), scalars),
+            "top_p": st.one_of(st.floats(-0.5, 1.5), scalars),
+            "seed": st.one_of(st.integers(-5, 2**64), scalars),
+            "stop": st.one_of(st.lists(st.text(max_size=5), max_size=10), scalars),
+            "extra": scalars,
+        },
+    )
+
+    @settings(
+        max_examples=2,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.lists(request, min_size=15, max_size=15))
+    def each_gets_a_reply(requests: list[dict]) -> None:
+        replies = ReplyQueue(broker, prefix)
+        names = set()
+        for i, fields in enumerate(requests):
+            name = f"gen-{uuid.uuid4().hex[:6]}-{i}"
+            names.add(name)
+            replies.publish(prefix, name, json.dumps(fields).encode())
+        replies.publish(prefix, "after", body(id="after", prompt="Say hi.", max_new_tokens=8))
+        replies.collect(names | {"after"})
+        assert replies.received["after"][0]["text"]
+        replies.close()
+
+    each_gets_a_reply()
+    assert worker.process.poll() is None
+    assert worker.stop() == 0
+
+
+FAULT = "FAULT-MARKER-7f3a"  # a request holding this triggers the worker's fault setting
+
+
+@pytest.mark.parametrize("scheduling", ["static", "continuous"])
+def test_a_dead_generation_thread_ends_the_worker_and_its_requests_are_redelivered(
+    broker, prefix, workers, scheduling
+):
+    doomed = workers(fault_generation_on=FAULT, max_batch_size=4, **SCHEDULINGS[scheduling])
+    requests = numbered(6, max_new_tokens=8)
+    requests.insert(2, {"id": "fault", "prompt": f"Repeat {FAULT}", "max_new_tokens": 8})
+    collector = Collector(broker, prefix, requests[:2] + requests[3:]).start()
+    time.sleep(1)  # the ordinary ones first, so some are in hand when the thread dies
+    fault_queue = ReplyQueue(broker, prefix)
+    fault_queue.publish(prefix, "fault", body(**requests[2]))
+    started = time.monotonic()
+    code = doomed.process.wait(timeout=120)
+    assert code == 3, doomed.text()[-2000:]
+    assert time.monotonic() - started < 60
+    assert "the generation thread died" in doomed.text()
+    # A healthy worker takes over what the dead one held (the fault message included, which
+    # the second worker serves: its fault setting is off).
+    workers(max_batch_size=4)
+    collector.join()
+    collector.assert_each_answered_once()
+    fault_queue.collect({"fault"})
+    fault_queue.close()
+
+
+def test_a_message_that_kills_workers_is_dead_lettered_after_the_delivery_limit(
+    broker, prefix, tmp_path
+):
+    """The poison kills every worker it reaches (as a supervisor would, the test restarts
+    them); after QUEUE_DELIVERY_LIMIT redeliveries the broker dead-letters it, and the 50
+    ordinary requests around it are answered exactly once. Prefetch 1: a worker that dies
+    holds only the poison (a larger prefetch returns its batchmates too, and each return
+    counts as one of their deliveries)."""
+    settings = {"fault_exit_on": FAULT, "prefetch_count": 1, "max_batch_size": 1}
+    settings |= {"queue_delivery_limit": 2}
+    started: list[WorkerProcess] = []
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.is_set():
+            if not started or started[-1].process.poll() is not None:
+                log = tmp_path / f"worker-{len(started)}.log"
+                started.append(WorkerProcess(prefix, log, **settings))
+            time.sleep(0.2)
+
+    supervisor = threading.Thread(target=supervise, daemon=True)
+    supervisor.start()
+    try:
+        requests = numbered(50, max_new_tokens=4)
+        collector = Collector(broker, prefix, requests[:25]).start()
+        poison = ReplyQueue(broker, prefix)
+        poison.publish(prefix, "poison", body(id="poison", prompt=f"say {FAULT}"))
+        more = Collector(broker, prefix, requests[25:]).start()
+        for each in (collector, more):
+            each.join()
+            each.assert_each_answered_once()
+        deadline = time.monotonic() + 300
+        while "poison" not in (kept := dead_lettered(broker, prefix)):
+            assert time.monotonic() < deadline, "the poison was never dead-lettered"
+            time.sleep(1)
+        assert kept["poison"][1] == "delivery_limit"
+        exits = [w.process.returncode for w in list(started) if w.process.poll() is not None]
+        assert exits == [3] * 3, exits  # the first delivery and two redeliveries
+        poison.close()
+    finally:
+        stop.set()
+        supervisor.join()
+        for worker in started:
+            worker.stop(signal.SIGKILL)
+
+
+def test_submit_waits_out_a_full_queue_then_says_so(broker, prefix, workers, tmp_path):
+    env = {
+        **os.environ,
+        f"{ENV_PREFIX}QUEUE_PREFIX": prefix,
+        f"{ENV_PREFIX}QUEUE_MAX_LENGTH": "5",
+        f"{ENV_PREFIX}QUEUE_FULL_TIMEOUT_S": "3",
+    }
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in numbered(12, max_new_tokens=4)))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit", str(source)]
+    result = subprocess.run(
+        [*command, str(out), "--timeout", "600"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: queue ") and "is full" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # With a worker and time to wait, every request is answered, the queued ones included.
+    env[f"{ENV_PREFIX}QUEUE_FULL_TIMEOUT_S"] = "300"
+    submitting = subprocess.Popen(
+        [*command, str(out), "--timeout", "600"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(3)  # it waits on the full queue
+    workers(queue_max_length=5)
+    _, stderr = submitting.communicate(timeout=600)
+    assert submitting.returncode == 0, stderr[-2000:]
+    replies = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in replies] == [f"r{i:03d}" for i in range(12)]
+    assert all(r["error"] is None for r in replies)
 
 
 # How the worker batches: whole batches (the configured engine), or continuous batching, which

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
+from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, load_settings
 
 from .test_queue import Collector, numbered
 
@@ -21,16 +21,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def home(tmp_path) -> Path:
-    """A fresh HOME: Ray must leave nothing in the user's home."""
+    """A fresh HOME, over 90 characters long: Ray must leave nothing in the user's home, and
+    its socket paths must fit whatever the home's length."""
     path = tmp_path / "home"
+    path = path.with_name(path.name + "-" + "h" * max(0, 92 - len(str(path))))
     path.mkdir()
+    assert len(str(path)) >= 90
     return path
 
 
-def start_replicas(prefix: str, home: Path, log: Path, count: int) -> subprocess.Popen:
-    env = {**os.environ, "HOME": str(home), f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
-    env |= {f"{ENV_PREFIX}MAX_BATCH_SIZE": "8", f"{ENV_PREFIX}RAY_NUM_CPUS": str(count)}
+def ray_env(home: Path, **settings: object) -> dict[str, str]:
+    """The environment of a command run with `home` as HOME; the model cache stays where it
+    is (a fresh home would fetch the model again)."""
+    env = {**os.environ, "HOME": str(home)}
+    env[f"{ENV_PREFIX}CACHE_DIR"] = str(load_settings().cache_dir.expanduser().resolve())
+    env |= {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.items()}
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start_replicas(
+    prefix: str, home: Path, log: Path, count: int, **settings: object
+) -> subprocess.Popen:
+    env = ray_env(home, queue_prefix=prefix, max_batch_size=8, ray_num_cpus=count, **settings)
     command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "worker"]
     process = subprocess.Popen(
         [*command, "--replicas", str(count)],
@@ -63,7 +76,8 @@ def test_two_replicas_answer_every_request_once_and_leave_home_clean(
     broker, prefix, home, tmp_path
 ):
     log = tmp_path / "driver.log"
-    driver = start_replicas(prefix, home, log, 2)
+    # A fresh SQLite tracking store: created once, before both replicas open their runs.
+    driver = start_replicas(prefix, home, log, 2, tracking_dir=tmp_path / "fresh-mlruns")
     collector = Collector(broker, prefix, numbered(60, max_new_tokens=16)).start()
     collector.join()
     collector.assert_each_answered_once()
@@ -89,9 +103,21 @@ def test_a_killed_replica_is_restarted_and_no_request_is_lost(broker, prefix, ho
     assert stop(driver) == 0
 
 
+def test_replicas_that_cannot_be_placed_fail_in_one_line(prefix, home, tmp_path):
+    env = ray_env(home, queue_prefix=prefix, ray_num_cpus=2, ray_start_timeout_s=15)
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "worker"]
+    result = subprocess.run(
+        [*command, "--replicas", "3"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 3 replicas asking for 1 CPU") and "did not start" in last
+    assert "of 2 CPUs" in last
+
+
 def test_the_batch_job_on_ray_equals_the_plain_one_in_order(tmp_path, home, model_dir):
-    env = {**os.environ, "HOME": str(home), f"{ENV_PREFIX}RAY_NUM_CPUS": "2"}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_env(home, ray_num_cpus=2)
     outputs = {}
     for name, extra in {"plain": [], "ray": ["--replicas", "2"]}.items():
         out = tmp_path / f"{name}.jsonl"

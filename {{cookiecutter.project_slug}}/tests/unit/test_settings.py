@@ -1,10 +1,12 @@
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from {{ cookiecutter.package_name }}.settings import (
     DEFAULT_MODEL,
     ENV_PREFIX,
+    Settings,
     SettingsError,
     load_settings,
 )
@@ -59,3 +61,48 @@ def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch):
     assert "\n" not in message
     assert f"{ENV_PREFIX}MAX_BATCH_SIZE" in message
     assert f"{ENV_PREFIX}DEVICE" in message
+
+
+# Fields whose every string is a valid value: nothing to refuse at load time (a bad URL or
+# model spec is refused where it is used, in one line, by the tests of those parts).
+FREE_TEXT = {
+    "model", "cache_dir", "system_prompt", "rabbitmq_url", "tracking_uri", "tracking_dir",
+    "experiment", "mlflow_host", "mlflow_allowed_hosts", "mlflow_backend_store_uri",
+    "mlflow_artifacts_destination", "s3_endpoint_url", "ray_address",
+}  # fmt: skip
+
+
+def bad_value(name: str) -> str | None:
+    """A value the field must refuse, chosen from its type and constraints."""
+    import typing
+
+    field = Settings.model_fields[name]
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = args[0] if args and typing.get_origin(annotation) is not Literal else annotation
+    if typing.get_origin(annotation) is Literal:
+        return "no-such-choice"
+    if typing.get_origin(annotation) is list:
+        return "[not json"
+    if kind in (int, float):
+        return "-1e999" if kind is float else "twelve"
+    if kind is bool:
+        return "maybe"
+    if field.metadata and any(getattr(m, "pattern", None) for m in field.metadata):
+        return "bad value with spaces!"
+    if any(getattr(m, "min_length", None) for m in field.metadata):
+        return "short"
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_refuses_a_bad_value_in_one_line_naming_it(name, monkeypatch):
+    value = bad_value(name)
+    if value is None:
+        assert name in FREE_TEXT, f"{name}: give it a constraint or list it as free text"
+        return
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert f"{ENV_PREFIX}{name.upper()}" in message and "\n" not in message
