@@ -56,6 +56,7 @@ BASE_FILES = {
     "src/{pkg}/quality.py",
     "src/{pkg}/queue/__init__.py",
     "src/{pkg}/queue/client.py",
+    "src/{pkg}/queue/dead_letters.py",
     "src/{pkg}/queue/topology.py",
     "src/{pkg}/queue/worker.py",
     "src/{pkg}/registry.py",
@@ -74,6 +75,7 @@ BASE_FILES = {
     "tests/integration/test_tracking.py",
     "tests/unit/__init__.py",
     "tests/unit/chat_templates.py",
+    "tests/unit/test_artifacts.py",
     "tests/unit/test_batching.py",
     "tests/unit/test_continuous.py",
     "tests/unit/test_messages.py",
@@ -215,7 +217,8 @@ def test_the_package_imports_and_its_cli_answers_help(project):
     package = package_of(project)
     run([sys.executable, "-c", f"import {package}.cli, {package}.backends.hf"], project)
     result = run([sys.executable, "-m", package, "--help"], project)
-    for command in ("model", "generate", "batch", "worker", "submit", "bench", "mlflow-server"):
+    commands = ("model", "generate", "batch", "worker", "submit", "dead-letters", "bench")
+    for command in (*commands, "mlflow-server"):
         assert command in result.stdout
 
 

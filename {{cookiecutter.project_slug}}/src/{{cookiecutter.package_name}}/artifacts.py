@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from {{ cookiecutter.package_name }}.model_source import COMPLETE_MARKER, ModelSourceError
 
 log = logging.getLogger(__name__)
+PULL_MARKER = ".pulled-from"  # written into every folder `pull_dir` makes: only those it replaces
 
 
 def push_dir(source: Path, uri: str, endpoint_url: str | None = None) -> int:
@@ -29,12 +30,15 @@ def push_dir(source: Path, uri: str, endpoint_url: str | None = None) -> int:
     files = sorted(p for p in source.rglob("*") if p.is_file())
     if not uri.startswith("s3://"):
         target = _local_path(uri)
-        staging = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _check_replaceable(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            staging = Path(tmp) / "dir"
+            shutil.copytree(source, staging)
+            (staging / PULL_MARKER).write_text(f"{source}\n")
+            if target.exists():
+                target.rename(Path(tmp) / "old")
+            staging.rename(target)
         return len(files)
     bucket, prefix = _bucket_and_prefix(uri)
     client = _s3(endpoint_url)
@@ -50,6 +54,7 @@ def pull_dir(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
 
     Raises ModelSourceError when nothing is stored at `uri` or S3 refuses.
     """
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         staging = Path(tmp) / "dir"
@@ -60,10 +65,25 @@ def pull_dir(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
             if not source.is_dir():
                 raise ModelSourceError(f"nothing is stored at {uri}")
             shutil.copytree(source, staging)
-        if target.exists():
-            shutil.rmtree(target)
+        (staging / PULL_MARKER).write_text(uri + "\n")
+        _check_replaceable(target)
+        if target.exists():  # swapped, not deleted first: a reader sees the old or the new
+            old = Path(tmp) / "old"
+            target.rename(old)
         staging.rename(target)
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace a folder that `pull_dir` did not make (the current one, a home...)."""
+    if target.is_file() or target.is_symlink():
+        raise ModelSourceError(f"{target} is a file; pull into a new or empty folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / PULL_MARKER).is_file() and not (target / COMPLETE_MARKER).is_file():
+            raise ModelSourceError(
+                f"{target} already holds files that `artifacts pull` did not put there; "
+                "pull into a new or empty folder"
+            )
 
 
 def fetch_model(uri: str, models_dir: Path, endpoint_url: str | None = None) -> Path:
@@ -84,11 +104,23 @@ def _pull_s3(uri: str, staging: Path, endpoint_url: str | None) -> None:
     keys = _s3_call(lambda: [o["Key"] for page in pages for o in page.get("Contents", [])], uri)
     if not keys:
         raise ModelSourceError(f"nothing is stored at {uri}")
+    staging.mkdir(parents=True, exist_ok=True)
+    root = staging.resolve()
     for number, key in enumerate(keys, 1):
-        path = staging / key.removeprefix(f"{prefix}/")
+        if key.endswith("/"):
+            continue  # a "folder" placeholder object
+        path = safe_path(root, key.removeprefix(f"{prefix}/"), uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         log.info("[%d/%d] downloading s3://%s/%s", number, len(keys), bucket, key)
         _s3_call(lambda: client.download_file(bucket, key, str(path)), uri)  # noqa: B023
+
+
+def safe_path(root: Path, relative: str, uri: str) -> Path:
+    """`root / relative`, refused (ModelSourceError) if it would land outside `root`."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ModelSourceError(f"stored name {relative!r} would be written outside {uri}'s folder")
+    return path
 
 
 def _local_path(uri: str) -> Path:

@@ -55,8 +55,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "pika", "alembic", "botocore"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "alembic", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pika logs every refused connection with a traceback; what went wrong is said in one line
+    # by the command itself.
+    logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 @model_app.command("pull")
@@ -402,6 +405,24 @@ def submit(
         f"{stats.duplicates} duplicate replies dropped, {stats.timeouts} timed out, "
         f"{stats.reconnects} reconnects; replies written to {target}"
     )
+
+
+@app.command("dead-letters")
+def dead_letters_command(
+    replay: Annotated[
+        bool, typer.Option(help="Send them back to the workers as fresh requests")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first")] = 100,
+) -> None:
+    """List the refused requests in the dead-letter queue and why; --replay sends them back."""
+    from {{ cookiecutter.package_name }}.queue.dead_letters import dead_letters
+
+    settings = load_settings()
+    found = dead_letters(settings, limit, replay)
+    for letter in found:
+        typer.echo(f"{letter.id}\t{letter.reason}\t{letter.message}")
+    verb = "replayed to the request queue" if replay else "in the dead-letter queue (kept)"
+    typer.echo(f"{len(found)} dead-lettered requests {verb}", err=True)
 
 
 @contextlib.contextmanager

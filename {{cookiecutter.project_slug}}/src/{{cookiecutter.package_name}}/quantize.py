@@ -5,15 +5,16 @@ quantization, context window, gate report). Conversion and the gate need torch; 
 `ensure_converted` runs a missing conversion in a child process.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE
@@ -176,7 +177,12 @@ def convert_one(
 
     target = published_dir(settings, scheme)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+    # One conversion of a model and scheme at a time; each stages in its own folder and swaps
+    # it in with renames, so a reader never sees a half-written or missing model.
+    with (
+        _locked(target.parent / f".{target.name}.lock"),
+        tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp,
+    ):
         staging = Path(tmp) / "model"
         log.info("[%s] converting %s", scheme, hf_dir)
         copy = [str(hf_dir / f) for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
@@ -209,10 +215,23 @@ def convert_one(
             log.warning("[%s] refused by the quality gate: %s", scheme, report.why())
             return report
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(Path(tmp) / "old")
         staging.rename(target)
     log.info("[%s] published %s", scheme, target)
     return report
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) while the block runs."""
+    import fcntl
+
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def already_published(settings: Settings, hf_dir: Path, scheme: str) -> GateReport | None:

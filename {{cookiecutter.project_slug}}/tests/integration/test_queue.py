@@ -22,7 +22,12 @@ import pytest
 
 from {{ cookiecutter.package_name }}.messages import Reply
 from {{ cookiecutter.package_name }}.queue.client import Client
-from {{ cookiecutter.package_name }}.queue.topology import Names, declare_reply_queue
+from {{ cookiecutter.package_name }}.queue.topology import (
+    Names,
+    QueueOptions,
+    declare,
+    declare_reply_queue,
+)
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
@@ -405,12 +410,11 @@ def test_a_message_that_kills_workers_is_dead_lettered_after_the_delivery_limit(
     broker, prefix, tmp_path
 ):
     """The poison kills every worker it reaches (as a supervisor would, the test restarts
-    them); after QUEUE_DELIVERY_LIMIT redeliveries the broker dead-letters it, and the 50
-    ordinary requests around it are answered exactly once. Prefetch 1: a worker that dies
-    holds only the poison (a larger prefetch returns its batchmates too, and each return
-    counts as one of their deliveries)."""
-    settings = {"fault_exit_on": FAULT, "prefetch_count": 1, "max_batch_size": 1}
-    settings |= {"queue_delivery_limit": 2}
+    them). After QUEUE_DELIVERY_LIMIT (3) redeliveries the broker dead-letters it, and the 50
+    ordinary requests around it are answered exactly once: the first worker dies holding a
+    full prefetch of them, but each restarted worker takes redelivered requests one at a time,
+    so the poison dies alone and the others' delivery counts stop growing."""
+    settings = {"fault_exit_on": FAULT, "max_batch_size": 8}
     started: list[WorkerProcess] = []
     stop = threading.Event()
 
@@ -438,13 +442,61 @@ def test_a_message_that_kills_workers_is_dead_lettered_after_the_delivery_limit(
             time.sleep(1)
         assert kept["poison"][1] == "delivery_limit"
         exits = [w.process.returncode for w in list(started) if w.process.poll() is not None]
-        assert exits == [3] * 3, exits  # the first delivery and two redeliveries
+        assert exits == [3] * 4, exits  # the first delivery and three redeliveries
+        assert "taken alone" in started[1].text()
         poison.close()
     finally:
         stop.set()
         supervisor.join()
         for worker in started:
             worker.stop(signal.SIGKILL)
+
+
+def test_dead_letters_are_listed_with_why_and_replayed(broker, prefix):
+    env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "dead-letters"]
+    listed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr  # declares the queues
+    connection = pika.BlockingConnection(pika.URLParameters(broker))
+    channel = connection.channel()
+    names = Names(prefix)
+    headers = {"x-error-type": "invalid_request", "x-error-message": "top_p: too high"}
+    refused = pika.BasicProperties(headers=headers, correlation_id="c1", delivery_mode=2)
+    channel.basic_publish(names.dead_letter_exchange, names.requests, body(id="d1"), refused)
+    listed = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == ["d1\tinvalid_request\ttop_p: too high"]
+    assert dead_letters(broker, prefix) == 1  # listing keeps them
+    replayed = subprocess.run(
+        [*command, "--replay"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    assert replayed.returncode == 0 and "1 dead-lettered requests replayed" in replayed.stderr
+    assert dead_letters(broker, prefix) == 0
+    _, properties, raw = channel.basic_get(names.requests, auto_ack=True)
+    assert json.loads(raw) == {"id": "d1"} and properties.correlation_id == "c1"
+    assert "x-error-type" not in (properties.headers or {})
+    connection.close()
+
+
+def test_a_queue_declared_with_other_arguments_is_one_clear_line(broker, prefix, tmp_path):
+    connection = pika.BlockingConnection(pika.URLParameters(broker))
+    declare(connection.channel(), Names(prefix), QueueOptions(delivery_limit=3))
+    connection.close()
+    env = {
+        **os.environ,
+        f"{ENV_PREFIX}QUEUE_PREFIX": prefix,
+        f"{ENV_PREFIX}QUEUE_DELIVERY_LIMIT": "5",
+        f"{ENV_PREFIX}QUEUE_MAX_LENGTH": "100",
+    }
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit"]
+    result = subprocess.run(
+        [*command, "data/sample_prompts.jsonl", str(tmp_path / "o.jsonl")],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.startswith(f"error: queue {prefix}.requests already exists with other")
+    assert "unreachable" not in result.stderr
 
 
 def test_submit_waits_out_a_full_queue_then_says_so(broker, prefix, workers, tmp_path):

@@ -65,6 +65,7 @@ class Delivery:
     correlation_id: str
     admitted: Admitted
     body: bytes
+    properties: Any = None
 
 
 @dataclass
@@ -180,19 +181,25 @@ class _Session:
         self.failure: BaseException | None = None
         self.cancelled = False
         self.thread = threading.Thread(target=self._generate_loop, name="generation", daemon=True)
+        # Probing: the session takes one delivery at a time until a fresh one (never delivered
+        # before) arrives. A redelivered message may be what killed the last worker: alone, it
+        # can kill this one without taking innocent batchmates (and their delivery counts)
+        # along. Normal traffic leaves probing at its first message.
+        self.prefetch = self.settings.prefetch_count or 2 * self.settings.max_batch_size
+        self.probing = True
+        self.consumer_tag = ""
 
     def serve(self) -> None:
         names, settings = self.worker.names, self.settings
         declare(self.channel, names, options_for(settings))
         self.channel.confirm_delivery()
-        prefetch = settings.prefetch_count or 2 * settings.max_batch_size
-        self.channel.basic_qos(prefetch_count=prefetch)
         self.channel.add_on_cancel_callback(self._on_cancelled)
-        tag = self.channel.basic_consume(names.requests, on_message_callback=self._on_message)
+        self._consume(1)
         self.thread.start()
         log.info(
-            "consuming %s on %s (prefetch %d, heartbeat %d s)",
-            names.requests, redact_url(settings.rabbitmq_url), prefetch, settings.heartbeat_s,
+            "consuming %s on %s (prefetch %d after the first fresh request, heartbeat %d s)",
+            names.requests, redact_url(settings.rabbitmq_url), self.prefetch,
+            settings.heartbeat_s,
         )  # fmt: skip
         last_report = time.monotonic()
         while not self.worker._stop.is_set():
@@ -205,15 +212,55 @@ class _Session:
                 )
                 last_report = time.monotonic()
         # Stopping: no new deliveries; the batch in hand finishes and is acked below.
-        self.channel.basic_cancel(tag)
+        self.channel.basic_cancel(self.consumer_tag)
         while not self.generation_done.is_set():
             self.connection.process_data_events(time_limit=0.2)
         self._check_alive()
         self.connection.process_data_events(time_limit=0)  # run the last acks
         requeued = self.leftover + _drain(self.inbox)
         for delivery in requeued:
-            self.channel.basic_nack(delivery.tag, requeue=True)
+            self._release(delivery)
         log.info("finished the batch in hand; requeued %d waiting requests", len(requeued))
+
+    def _consume(self, prefetch: int) -> None:
+        self.channel.basic_qos(prefetch_count=prefetch)
+        self.consumer_tag = self.channel.basic_consume(
+            self.worker.names.requests, on_message_callback=self._on_message
+        )
+
+    def _release(self, delivery: Delivery) -> None:
+        """Give back a request this worker will not serve (it is stopping) as a fresh copy at
+        the queue's tail: a graceful stop is no failure, so it must not count as a delivery
+        toward the limit. If the queue refuses the copy (full), it is requeued as it is."""
+        old = delivery.properties
+        headers = {k: v for k, v in (old.headers or {}).items() if k != "x-delivery-count"}
+        properties = pika.BasicProperties(
+            content_type=old.content_type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            correlation_id=old.correlation_id,
+            message_id=old.message_id,
+            reply_to=old.reply_to,
+            headers=headers or None,
+        )
+        try:
+            self.channel.basic_publish(
+                "", self.worker.names.requests, delivery.body, properties, mandatory=True
+            )
+            self.channel.basic_ack(delivery.tag)
+        except (UnroutableError, NackError):
+            self.channel.basic_nack(delivery.tag, requeue=True)
+
+    def _leave_probing(self, properties: Any, redelivered: bool) -> None:
+        """On the first fresh delivery, take the full prefetch. Called from the delivery's own
+        callback: with a prefetch of 1 nothing else is in flight, so cancelling the probing
+        consumer returns nothing to the queue."""
+        count = (properties.headers or {}).get("x-delivery-count", 0)
+        if count or redelivered:
+            log.info("a redelivered request (deliveries before: %s): taken alone", count or "?")
+            return
+        self.probing = False
+        self.channel.basic_cancel(self.consumer_tag)
+        self._consume(self.prefetch)
 
     def _check_alive(self) -> None:
         """The watchdog: a dead generation thread or a cancelled consumer ends the session."""
@@ -224,7 +271,8 @@ class _Session:
 
     def close(self) -> None:
         self.abort.set()
-        self.generation_done.wait(timeout=60)  # never two batches of one model at once
+        if self.thread.is_alive():  # never two batches of one model at once
+            self.generation_done.wait(timeout=60)
         if self.connection.is_open:
             try:
                 self.connection.close()  # unacked deliveries go back to the queue
@@ -241,6 +289,8 @@ class _Session:
         """Admit one delivery; whatever it holds, it is queued for generation, answered with an
         error and dead-lettered, or (if even that fails) dead-lettered by the broker."""
         try:
+            if self.probing:
+                self._leave_probing(properties, method.redelivered)
             self._admit(method.delivery_tag, properties, body)
         except CONNECTION_ERRORS:
             raise  # the session ends and reconnects; the broker redelivers
@@ -274,7 +324,7 @@ class _Session:
                 tag, "", correlation_id, Reply.failure(admitted.request.id, error), body
             )
             return
-        self.inbox.put(Delivery(tag, reply_to, correlation_id, admitted, body))
+        self.inbox.put(Delivery(tag, reply_to, correlation_id, admitted, body, properties))
 
     def _complete(self, deliveries: list[Delivery], replies: list[Reply]) -> None:
         for delivery, reply in zip(deliveries, replies, strict=True):
