@@ -322,6 +322,17 @@ def test_hostile_messages_get_error_replies_and_never_stop_the_worker(broker, pr
     assert set(kept) == refused
     assert all(kind and reason for kind, reason in kept.values()), kept
     assert kept["no-reply-to"][0] == "no_reply_to"
+    # The request queue deleted under it: the broker cancels the consumer; the worker declares
+    # the queues again and goes on serving.
+    connection = pika.BlockingConnection(pika.URLParameters(broker))
+    connection.channel().queue_delete(Names(prefix).requests)
+    connection.close()
+    worker.wait_for("consuming", count=2)
+    after = ReplyQueue(broker, prefix)
+    after.publish(prefix, "after-delete", body(id="after-delete", **SAY_HI))
+    after.collect({"after-delete"})
+    after.close()
+    assert "cancelled the consumer" in worker.text()
     assert worker.process.poll() is None
     assert worker.stop() == 0
 
@@ -601,6 +612,44 @@ def test_submit_writes_every_reply_in_input_order(broker, prefix, workers, tmp_p
     replies = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in replies] == [json.loads(line)["id"] for line in sample]
     assert "Paris" in replies[0]["text"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
+def test_an_interrupted_submit_resumes_with_every_id_exactly_once(
+    broker, prefix, workers, tmp_path, sig
+):
+    worker = workers(max_batch_size=4)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in numbered(40, max_new_tokens=8)))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit", str(source)]
+    window = ["--window", "4"]
+    job = subprocess.Popen(
+        [*command, str(out), *window], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not out.is_file() or len(out.read_text().splitlines()) < 8:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    job.send_signal(sig)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL), stderr
+    before = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert 8 <= len(before) < 40
+    result = subprocess.run(
+        [*command, str(out), *window, "--resume"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    replies = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in replies] == [f"r{i:03d}" for i in range(40)]
+    assert all(r["error"] is None for r in replies)
+    assert all(replies[int(i[1:])] == reply for i, reply in before.items())
+    assert worker.stop() == 0
+    served = int(re.search(r"stopped: (\d+) served", worker.text()).group(1))
+    assert 40 <= served <= 40 + 4, served  # at most the window in flight was computed twice
 
 
 def test_an_unreachable_broker_is_one_clear_line(tmp_path):

@@ -123,3 +123,26 @@ def test_waiting_requests_can_be_taken_back(backend):
     batcher.step()
     assert batcher.take_waiting() == ["r2", "r3", "r4"]
     assert len(batcher) == 2
+
+
+def test_a_row_whose_logits_are_nan_fails_alone_and_no_temperature_overflows():
+    from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher, _Row
+
+    def row(name: str, temperature: float) -> _Row:
+        params = GenerationParams(8, temperature, 1.0, 1, ())
+        generator = None if temperature == 0.0 else torch.Generator().manual_seed(1)
+        return _Row(name, PreparedRequest(name, "", [2], params), generator)
+
+    rows = [row("nan", 0.0), row("cold", 1e-5), row("greedy", 0.0), row("hot", 2.0)]
+    logits = torch.tensor(
+        [
+            [float("nan"), 0.0, 0.0],
+            [1e30, -1e30, 0.0],  # divided by 1e-5 without the max subtracted: overflow
+            [0.0, 5.0, 1.0],
+            [0.0, 0.0, float("-inf")],
+        ]
+    )
+    picked = ContinuousBatcher._pick(None, logits, rows)  # type: ignore[arg-type]
+    assert isinstance(picked[0], FloatingPointError)
+    assert picked[1:3] == [0, 1]
+    assert picked[3] in (0, 1)
