@@ -44,6 +44,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     RequestError,
     TrackingError,
     FileNotFoundError,
+    FileExistsError,
     IsADirectoryError,
 )
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
+from {{ cookiecutter.package_name }}.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,21 @@ class LoraParams:
             problems.append("target_modules must name at least one module")
         if problems:
             raise ValueError(f"invalid LoRA parameters: {'; '.join(problems)}")
+
+
+def _check_target_modules(model: Any, wanted: tuple[str, ...]) -> None:
+    """Raise SettingsError (one line) if a LoRA target module is not a layer of this model."""
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    missing = sorted(set(wanted) - linear)
+    if missing:
+        raise SettingsError(
+            f"invalid settings: LORA_TARGET_MODULES names {', '.join(missing)}, which this model "
+            f"does not have; its linear layers are {', '.join(sorted(linear))}"
+        )
 
 
 @dataclass(frozen=True)
@@ -326,6 +342,7 @@ def train_lora(
     except Exception as exc:  # noqa: BLE001 - a broken model directory is one clear line
         raise ModelSourceError(f"cannot load the model in {model_dir}: {_one_line(exc)}") from None
     model.config.use_cache = False
+    _check_target_modules(model, params.target_modules)
     config = LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,

@@ -266,3 +266,20 @@ def test_an_output_folder_in_use_is_refused_before_anything_is_loaded(tmp_path):
     (tmp_path / "out" / "merged" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already has files"):
         train_lora(tmp_path / "no-model", data, data, LoraParams(), tmp_path / "out")
+
+
+def test_lora_target_modules_the_model_lacks_are_one_line():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from {{ cookiecutter.package_name }}.finetune import _check_target_modules
+    from {{ cookiecutter.package_name }}.settings import SettingsError
+
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    _check_target_modules(model, ("q_proj", "v_proj"))
+    with pytest.raises(SettingsError, match="LORA_TARGET_MODULES names c_attn, which") as caught:
+        _check_target_modules(model, ("q_proj", "c_attn"))
+    assert "q_proj" in str(caught.value) and "\n" not in str(caught.value)

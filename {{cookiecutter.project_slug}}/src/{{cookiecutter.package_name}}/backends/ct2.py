@@ -18,6 +18,7 @@ from {{ cookiecutter.package_name }}.backends.base import (
 )
 from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
+from {{ cookiecutter.package_name }}.settings import SettingsError
 from {{ cookiecutter.package_name }}.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,15 @@ def thread_split(
 ) -> tuple[int, int]:
     """(inter, intra) threads whose product is at most the cores; intra 0 = the cores left.
 
-    Raises ValueError when the product asked for is over the cores: oversubscribed threads
+    Raises SettingsError when the product asked for is over the cores: oversubscribed threads
     make CTranslate2 slower, not faster.
     """
     cores = cores or os.cpu_count() or 1
     intra = intra_threads or max(1, cores // inter_threads)
     if inter_threads * intra > cores:
-        raise ValueError(
-            f"inter_threads={inter_threads} x intra_threads={intra} is over the {cores} cores"
+        raise SettingsError(
+            f"invalid settings: INTER_THREADS={inter_threads} x INTRA_THREADS={intra} is over "
+            f"the {cores} cores of this machine"
         )
     return inter_threads, intra
 
