@@ -62,9 +62,13 @@ def plan(lines: list[tuple[str, bytes]], answered: set[str], max_bytes: int = 1_
             error = RequestError(
                 "duplicate_id", f"id {request_id!r} appears twice (first at {first_seen[key]})"
             )
-            key = reply_key(fallback_id)
+            name = fallback_id
+            while reply_key(name) in first_seen:  # a line's own id may be "line-N" too
+                name += "-duplicate"
+            key = reply_key(name)
+            first_seen[key] = fallback_id
             if key not in answered:
-                result.duplicates.append(Reply.failure(fallback_id, error))
+                result.duplicates.append(Reply.failure(name, error))
         else:
             first_seen[key] = fallback_id
             if key not in answered:
@@ -95,8 +99,12 @@ class ReplyWriter:
 
     def write(self, reply: Reply) -> None:
         self.answered[reply_key(reply.id)] = reply
-        self._file.write(reply.model_dump_json() + "\n")
-        self._file.flush()  # in the kernel's hands: it survives the process being killed
+        try:
+            self._file.write(reply.model_dump_json() + "\n")
+            self._file.flush()  # in the kernel's hands: it survives the process being killed
+        except OSError as exc:  # e.g. the disk is full: the job stops, resumable
+            reason = exc.strerror or type(exc).__name__
+            raise OutputError(f"cannot write replies to {self.target}: {reason}") from None
         self.written += 1
 
     def close(self) -> None:

@@ -370,7 +370,11 @@ def submit(
     settings = load_settings(client_window=window, reply_timeout_s=timeout)
     lines = read_requests(source)
     writer = ReplyWriter(target, resume)
-    todo = plan(lines, set(writer.answered), settings.max_request_bytes)
+    # A request that timed out (no worker in time) is sent again on --resume.
+    answered = {
+        k for k, r in writer.answered.items() if not (r.error and r.error.type == "timeout")
+    }
+    todo = plan(lines, answered, settings.max_request_bytes)
     for duplicate in todo.duplicates:
         writer.write(duplicate)
     requests: list[dict] = []
@@ -378,7 +382,8 @@ def submit(
         try:
             request = parse_request(line, fallback_id, limits_of(settings))
         except RequestError as exc:
-            writer.write(Reply.failure(request_id_of(line, fallback_id), exc))
+            reply_id = request_id_of(line, fallback_id, settings.max_request_bytes)
+            writer.write(Reply.failure(reply_id, exc))
             continue
         requests.append(request.model_dump(exclude_none=True))
     client = Client.from_settings(settings)

@@ -185,6 +185,9 @@ def run_workers(settings: Settings, count: int, stop: threading.Event) -> list[d
                     reason = "it returned"
                 except ray.exceptions.RayError as exc:
                     reason = _first_line(exc)
+                others = [r for i, r in enumerate(replicas) if i != index]
+                ray.wait([r.stop.remote() for r in others], num_returns=len(others), timeout=60)
+                ray.wait(running, num_returns=len(running), timeout=300)  # the batch in hand
                 raise WorkerFailed(f"replica {index} stopped serving ({reason})")
         ray.get([r.stop.remote() for r in replicas])
         return ray.get(running)
@@ -202,7 +205,9 @@ def run_batch(
     """Replies to every line, in input order, computed by `count` replicas in shards, and the
     seconds they took once every replica had loaded its model. `on_reply` gets each reply as
     soon as its shard is back."""
+    handler = signal.getsignal(signal.SIGTERM)
     replicas = start_replicas(settings, count)  # models loaded before timing
+    signal.signal(signal.SIGTERM, handler)  # ray.init replaced the job's own (SIGTERM -> exit)
     try:
         started = time.perf_counter()
         size = max(1, settings.max_batch_size)

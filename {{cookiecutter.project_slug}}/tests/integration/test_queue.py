@@ -436,6 +436,7 @@ def test_a_message_that_kills_workers_is_dead_lettered_after_the_delivery_limit(
                 started.append(WorkerProcess(prefix, log, **settings))
             time.sleep(0.2)
 
+    started.append(WorkerProcess(prefix, tmp_path / "worker-0.log", **settings))  # declares
     supervisor = threading.Thread(target=supervise, daemon=True)
     supervisor.start()
     try:

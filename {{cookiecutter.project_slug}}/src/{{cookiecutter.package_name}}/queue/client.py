@@ -214,6 +214,11 @@ class Client:
     def _connect(self, received: Callable[[str, Reply], None]) -> None:
         deadline = time.monotonic() + self.connect_timeout_s
         delay = 0.5
+        if self._connection is not None and self._connection.is_open:
+            try:  # a channel-level error leaves the connection, and its consumer, open
+                self._connection.close()
+            except CONNECTION_ERRORS:
+                pass
         while True:
             try:
                 params = connection_parameters(self.url, self.heartbeat_s)

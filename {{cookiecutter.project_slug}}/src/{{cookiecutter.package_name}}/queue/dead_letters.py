@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+from pika.exceptions import NackError, UnroutableError
 
 from {{ cookiecutter.package_name }}.messages import request_id_of
+from {{ cookiecutter.package_name }}.queue.client import QueueFullError
 from {{ cookiecutter.package_name }}.queue.topology import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
@@ -54,7 +56,15 @@ def dead_letters(settings: Settings, limit: int, replay: bool = False) -> list[D
                 break
             found.append(_describe(properties, body, number))
             if replay:
-                channel.basic_publish("", names.requests, body, _fresh(properties), mandatory=True)
+                try:
+                    channel.basic_publish(
+                        "", names.requests, body, _fresh(properties), mandatory=True
+                    )
+                except (NackError, UnroutableError):
+                    raise QueueFullError(
+                        f"the request queue {names.requests} refused a replayed request (full?); "
+                        f"{len(found) - 1} were replayed, the rest stay dead-lettered"
+                    ) from None
                 channel.basic_ack(method.delivery_tag)
             else:
                 held.append(method.delivery_tag)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
 EXIT_FAILED = 3  # the worker's exit status when it stops because a part of it died
+PRIOR_DELIVERIES_HEADER = "x-prior-deliveries"
 
 
 class WorkerFailed(RuntimeError):
@@ -159,7 +160,11 @@ class Worker:
     def _serve(self) -> None:
         url = self.settings.rabbitmq_url
         connection = pika.BlockingConnection(connection_parameters(url, self.settings.heartbeat_s))
-        session = _Session(self, connection)
+        try:
+            session = _Session(self, connection)
+        except CONNECTION_ERRORS:
+            _close(connection)
+            raise
         try:
             session.serve()
         finally:
@@ -234,6 +239,10 @@ class _Session:
         toward the limit. If the queue refuses the copy (full), it is requeued as it is."""
         old = delivery.properties
         headers = {k: v for k, v in (old.headers or {}).items() if k != "x-delivery-count"}
+        # A request that had been redelivered stays a suspect: probing takes it alone.
+        prior = _deliveries_before(old.headers)
+        if prior:
+            headers[PRIOR_DELIVERIES_HEADER] = prior
         properties = pika.BasicProperties(
             content_type=old.content_type,
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -254,7 +263,7 @@ class _Session:
         """On the first fresh delivery, take the full prefetch. Called from the delivery's own
         callback: with a prefetch of 1 nothing else is in flight, so cancelling the probing
         consumer returns nothing to the queue."""
-        count = (properties.headers or {}).get("x-delivery-count", 0)
+        count = _deliveries_before(properties.headers)
         if count or redelivered:
             log.info("a redelivered request (deliveries before: %s): taken alone", count or "?")
             return
@@ -265,6 +274,7 @@ class _Session:
     def _check_alive(self) -> None:
         """The watchdog: a dead generation thread or a cancelled consumer ends the session."""
         if self.failure is not None:
+            self.connection.process_data_events(time_limit=0)  # send the replies it finished
             raise WorkerFailed(f"the generation thread died: {_short(self.failure)}")
         if self.cancelled:
             raise ConsumerCancelled("the broker cancelled the consumer (was the queue deleted?)")
@@ -272,12 +282,8 @@ class _Session:
     def close(self) -> None:
         self.abort.set()
         if self.thread.is_alive():  # never two batches of one model at once
-            self.generation_done.wait(timeout=60)
-        if self.connection.is_open:
-            try:
-                self.connection.close()  # unacked deliveries go back to the queue
-            except CONNECTION_ERRORS:
-                pass
+            self.thread.join()
+        _close(self.connection)  # unacked deliveries go back to the queue
 
     # -- connection thread ---------------------------------------------------------------------
 
@@ -534,6 +540,21 @@ def run_tracked(worker: Worker, tags: dict[str, object] | None = None) -> Counte
             thread.join()
             report()
     return worker.counters
+
+
+def _deliveries_before(headers: dict | None) -> int:
+    """How often a message was delivered before: the broker's count, plus what an earlier
+    graceful stop carried over when it gave the message back as a fresh copy."""
+    headers = headers or {}
+    return int(headers.get("x-delivery-count", 0)) + int(headers.get(PRIOR_DELIVERIES_HEADER, 0))
+
+
+def _close(connection: Any) -> None:
+    if connection.is_open:
+        try:
+            connection.close()
+        except CONNECTION_ERRORS:
+            pass
 
 
 def _drain(inbox: "queue.Queue[Delivery]") -> list[Delivery]:
