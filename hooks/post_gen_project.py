@@ -33,7 +33,11 @@ def remove_ctranslate2_files() -> None:
 
 
 def remove_ray_files() -> None:
-    remove(f"src/{PACKAGE}/distributed.py", "tests/integration/test_ray.py")
+    remove(
+        f"src/{PACKAGE}/distributed.py",
+        "tests/integration/test_ray.py",
+        "tests/unit/test_distributed.py",
+    )
 
 
 def remove_mysql_files() -> None:

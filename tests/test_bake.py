@@ -110,7 +110,11 @@ def expected_files(combo: dict[str, str], package: str) -> set[str]:
     if combo["inference_backend"] == "ctranslate2":
         paths |= CTRANSLATE2_FILES
     if combo["worker_runtime"] == "ray":
-        paths |= {"src/{pkg}/distributed.py", "tests/integration/test_ray.py"}
+        paths |= {
+            "src/{pkg}/distributed.py",
+            "tests/integration/test_ray.py",
+            "tests/unit/test_distributed.py",
+        }
     if combo["tracking_backend"] == "mysql":
         paths.add("tests/integration/test_tracking_mysql.py")
     if combo["artifact_store"] == "s3":
