@@ -297,7 +297,9 @@ def worker(
 {%- else %}
 def worker() -> None:
 {%- endif %}
-    """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished)."""
+    """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished;
+    a second signal exits at once)."""
+    import os
     import signal
     import threading
 
@@ -311,7 +313,13 @@ def worker() -> None:
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping.is_set():  # a second signal: no more waiting for the batch in hand
+            logging.getLogger(__name__).warning(
+                "%s again: exiting now; the requests in hand go back to the queue", name
+            )
+            os._exit(128 + signum)
+        logging.getLogger(__name__).info("%s: stopping (again to exit at once)", name)
         stopping.set()
 
     signal.signal(signal.SIGTERM, stop)

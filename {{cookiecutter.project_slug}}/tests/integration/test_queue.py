@@ -598,6 +598,21 @@ def test_sigterm_finishes_the_requests_in_hand_and_requeues_the_rest(
     collector.assert_each_answered_once()
 
 
+def test_a_second_sigterm_exits_at_once_and_loses_nothing(broker, prefix, workers):
+    first = workers(max_batch_size=4, scheduling="static")
+    text = "Count from 1 to 300, separated by commas. Request {i}."
+    collector = Collector(broker, prefix, numbered(4, max_new_tokens=200, text=text)).start()
+    first.wait_for("generating a batch of")
+    first.process.send_signal(signal.SIGTERM)
+    first.wait_for("stopping (again to exit at once)")
+    started = time.monotonic()
+    assert first.stop(signal.SIGTERM, timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 10
+    workers(max_batch_size=4)
+    collector.join()
+    collector.assert_each_answered_once()
+
+
 def test_submit_writes_every_reply_in_input_order(broker, prefix, workers, tmp_path):
     workers()
     env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
