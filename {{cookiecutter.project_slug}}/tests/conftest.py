@@ -86,6 +86,32 @@ def prefix(broker: str):
     connection.close()
 
 
+def interrupt_halfway(
+    command: list[str], out: Path, env: dict[str, str], sig: int, after: int = 8
+) -> tuple[int, str, dict]:
+    """Run a job writing replies to `out`; send it `sig` once `after` replies are written.
+
+    Returns its exit status, its stderr and the replies it left (by id): a valid JSONL prefix,
+    or json.loads fails the test. The job must stop within 30 s of the signal.
+    """
+    import json
+    import subprocess
+    import time
+
+    job = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not out.is_file() or len(out.read_text().splitlines()) < after:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    job.send_signal(sig)
+    _, stderr = job.communicate(timeout=30)
+    left = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    return job.returncode, stderr, left
+
+
 def free_port() -> int:
     import socket
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from {{ cookiecutter.package_name }}.model_source import (
     resolve_model,
 )
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
+
+from ..conftest import interrupt_halfway
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,22 +178,12 @@ def test_an_interrupted_batch_resumes_with_every_id_exactly_once(sig, tmp_path, 
     env = {**os.environ, f"{ENV_PREFIX}MAX_BATCH_SIZE": "4"}
     command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "batch", str(source)]
     runs_before = batch_runs()
-    job = subprocess.Popen(
-        [*command, str(out)], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not out.is_file() or len(out.read_text().splitlines()) < 8:
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    job.send_signal(sig)
-    _, stderr = job.communicate(timeout=30)  # stops within seconds, whatever it was doing
+    code, stderr, before = interrupt_halfway([*command, str(out)], out, env, sig)
     if sig == signal.SIGTERM:
-        assert job.returncode == 130
+        assert code == 130
         assert "run the same command with --resume" in stderr.strip().splitlines()[-1]
     else:
-        assert job.returncode == -signal.SIGKILL
-    before = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}  # valid JSONL
+        assert code == -signal.SIGKILL
     assert 8 <= len(before) < 40
     result = cli("batch", str(source), str(out), "--resume", env=env)
     assert result.returncode == 0, result.stderr[-3000:]

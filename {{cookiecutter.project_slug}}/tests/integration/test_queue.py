@@ -30,6 +30,8 @@ from {{ cookiecutter.package_name }}.queue.topology import (
 )
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
+from ..conftest import interrupt_halfway
+
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -641,18 +643,8 @@ def test_an_interrupted_submit_resumes_with_every_id_exactly_once(
     env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
     command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit", str(source)]
     window = ["--window", "4"]
-    job = subprocess.Popen(
-        [*command, str(out), *window], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not out.is_file() or len(out.read_text().splitlines()) < 8:
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    job.send_signal(sig)
-    _, stderr = job.communicate(timeout=30)
-    assert job.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL), stderr
-    before = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    code, stderr, before = interrupt_halfway([*command, str(out), *window], out, env, sig)
+    assert code == (130 if sig == signal.SIGTERM else -signal.SIGKILL), stderr
     assert 8 <= len(before) < 40
     result = subprocess.run(
         [*command, str(out), *window, "--resume"],

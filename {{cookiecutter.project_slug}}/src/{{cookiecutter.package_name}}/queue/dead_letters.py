@@ -19,6 +19,7 @@ from {{ cookiecutter.package_name }}.queue.topology import (
     ERROR_TYPE_HEADER,
     Names,
     connection_parameters,
+    copy_properties,
     declare,
     options_for,
 )
@@ -57,9 +58,8 @@ def dead_letters(settings: Settings, limit: int, replay: bool = False) -> list[D
             found.append(_describe(properties, body, number))
             if replay:
                 try:
-                    channel.basic_publish(
-                        "", names.requests, body, _fresh(properties), mandatory=True
-                    )
+                    fresh = copy_properties(properties, drop=DEATH_HEADERS)
+                    channel.basic_publish("", names.requests, body, fresh, mandatory=True)
                 except (NackError, UnroutableError):
                     raise QueueFullError(
                         f"the request queue {names.requests} refused a replayed request (full?); "
@@ -85,15 +85,3 @@ def _describe(properties: Any, body: bytes, number: int) -> DeadLetter:
     if isinstance(message, bytes):
         message = message.decode(errors="replace")
     return DeadLetter(request_id_of(body, f"dead-letter-{number}"), reason, message, len(body))
-
-
-def _fresh(properties: Any) -> pika.BasicProperties:
-    headers = {k: v for k, v in (properties.headers or {}).items() if k not in DEATH_HEADERS}
-    return pika.BasicProperties(
-        content_type=properties.content_type,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        correlation_id=properties.correlation_id,
-        message_id=properties.message_id,
-        reply_to=properties.reply_to,
-        headers=headers or None,
-    )

@@ -113,6 +113,23 @@ def connection_parameters(url: str, heartbeat_s: int) -> pika.URLParameters:
     return parameters
 
 
+def copy_properties(
+    properties: Any, drop: tuple[str, ...] = (), add: dict[str, Any] | None = None
+) -> pika.BasicProperties:
+    """Persistent properties for publishing a message again as a fresh one: its routing and ids
+    kept, the headers in `drop` removed and those in `add` set."""
+    headers = {k: v for k, v in (properties.headers or {}).items() if k not in drop}
+    headers |= add or {}
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        correlation_id=properties.correlation_id,
+        message_id=properties.message_id,
+        reply_to=properties.reply_to,
+        headers=headers or None,
+    )
+
+
 def options_for(settings: "Settings") -> QueueOptions:
     """The request queue's arguments as the settings give them: one place for every declarer."""
     return QueueOptions(settings.queue_max_length, settings.queue_delivery_limit)

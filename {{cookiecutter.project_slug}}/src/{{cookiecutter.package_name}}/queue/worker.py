@@ -35,6 +35,7 @@ from {{ cookiecutter.package_name }}.queue.topology import (
     ERROR_TYPE_HEADER,
     Names,
     connection_parameters,
+    copy_properties,
     declare,
     options_for,
 )
@@ -237,19 +238,12 @@ class _Session:
         """Give back a request this worker will not serve (it is stopping) as a fresh copy at
         the queue's tail: a graceful stop is no failure, so it must not count as a delivery
         toward the limit. If the queue refuses the copy (full), it is requeued as it is."""
-        old = delivery.properties
-        headers = {k: v for k, v in (old.headers or {}).items() if k != "x-delivery-count"}
         # A request that had been redelivered stays a suspect: probing takes it alone.
-        prior = _deliveries_before(old.headers)
-        if prior:
-            headers[PRIOR_DELIVERIES_HEADER] = prior
-        properties = pika.BasicProperties(
-            content_type=old.content_type,
-            delivery_mode=pika.DeliveryMode.Persistent,
-            correlation_id=old.correlation_id,
-            message_id=old.message_id,
-            reply_to=old.reply_to,
-            headers=headers or None,
+        prior = _deliveries_before(delivery.properties.headers)
+        properties = copy_properties(
+            delivery.properties,
+            drop=("x-delivery-count",),
+            add={PRIOR_DELIVERIES_HEADER: prior} if prior else None,
         )
         try:
             self.channel.basic_publish(
