@@ -176,7 +176,8 @@ def test_an_interrupted_batch_resumes_with_every_id_exactly_once(sig, tmp_path, 
     )
     out = tmp_path / "out.jsonl"
     env = {**os.environ, f"{ENV_PREFIX}MAX_BATCH_SIZE": "4"}
-    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "batch", str(source)]
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "batch"]
+    command.append(str(source))
     runs_before = batch_runs()
     code, stderr, before = interrupt_halfway([*command, str(out)], out, env, sig)
     if sig == signal.SIGTERM:

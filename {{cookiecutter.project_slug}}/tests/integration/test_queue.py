@@ -523,7 +523,8 @@ def test_submit_waits_out_a_full_queue_then_says_so(broker, prefix, workers, tmp
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in numbered(12, max_new_tokens=4)))
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit", str(source)]
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit"]
+    command.append(str(source))
     result = subprocess.run(
         [*command, str(out), "--timeout", "600"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -641,7 +642,8 @@ def test_an_interrupted_submit_resumes_with_every_id_exactly_once(
     source.write_text("".join(json.dumps(r) + "\n" for r in numbered(40, max_new_tokens=8)))
     out = tmp_path / "out.jsonl"
     env = {**os.environ, f"{ENV_PREFIX}QUEUE_PREFIX": prefix}
-    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit", str(source)]
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "submit"]
+    command.append(str(source))
     window = ["--window", "4"]
     code, stderr, before = interrupt_halfway([*command, str(out), *window], out, env, sig)
     assert code == (130 if sig == signal.SIGTERM else -signal.SIGKILL), stderr
