@@ -76,6 +76,7 @@ BASE_FILES = {
     "tests/unit/__init__.py",
     "tests/unit/chat_templates.py",
     "tests/unit/test_artifacts.py",
+    "tests/unit/test_batch_job.py",
     "tests/unit/test_batching.py",
     "tests/unit/test_continuous.py",
     "tests/unit/test_messages.py",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from {{ cookiecutter.package_name }}.batching import DynamicBatcher
 from {{ cookiecutter.package_name }}.messages import Reply, RequestError, request_id_of
@@ -82,33 +83,36 @@ class ReplyWriter:
 
     Opened with `resume`, the replies already in `target` are kept (a torn last line is
     dropped) and their ids are `answered`; else `target` starts empty. Raises OutputError at
-    once if `target` cannot be written.
+    once if `target` cannot be written; the file itself is touched only by the first write.
     """
 
     def __init__(self, target: Path, resume: bool = False) -> None:
         self.target = target
         self.answered: dict[str, Reply] = _read_replies(target) if resume else {}
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_replies(target, list(self.answered.values()))
-            self._file = target.open("a", encoding="utf-8")
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise OutputError(f"cannot write replies to {target}: {reason}") from None
+        self._file: IO[str] | None = None
         self.written = 0
+        if target.is_dir():
+            raise OutputError(f"cannot write replies to {target}: it is a folder")
+        existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK) or not existing.is_dir():
+            raise OutputError(f"cannot write replies to {target}: {existing} is not writable")
 
     def write(self, reply: Reply) -> None:
-        self.answered[reply_key(reply.id)] = reply
         try:
+            if self._file is None:  # first write: keep what was kept, then append
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                write_replies(self.target, list(self.answered.values()))
+                self._file = self.target.open("a", encoding="utf-8")
             self._file.write(reply.model_dump_json() + "\n")
             self._file.flush()  # in the kernel's hands: it survives the process being killed
         except OSError as exc:  # e.g. the disk is full: the job stops, resumable
             reason = exc.strerror or type(exc).__name__
             raise OutputError(f"cannot write replies to {self.target}: {reason}") from None
+        self.answered[reply_key(reply.id)] = reply
         self.written += 1
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def finish(self, order: list[str]) -> list[Reply]:

@@ -242,8 +242,6 @@ def batch(
     lines = read_requests(source)  # fail on a missing file before loading the model
     writer = ReplyWriter(target, resume)  # and on an unwritable output
     todo = plan(lines, set(writer.answered), settings.max_request_bytes)
-    for duplicate in todo.duplicates:
-        writer.write(duplicate)
     if resume:
         typer.echo(f"resuming: {len(lines) - len(todo.todo)} of {len(lines)} already answered")
     params = settings_params(settings) | {"input_file": source.name, "resume": resume}
@@ -253,6 +251,8 @@ def batch(
         end_interrupted_runs(settings, "batch", target)
     with _interruptible(writer), start_run(settings, "batch", params) as run:
         run.set_tags({"output": output_tag(target)})
+        for duplicate in todo.duplicates:
+            writer.write(duplicate)
         with _progress("generating") as on_progress:
             started = time.perf_counter()
 {%- if cookiecutter.worker_runtime == "ray" %}
