@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from {{ cookiecutter.package_name }}.batch_job import OutputError, ReplyWriter, plan, reply_key
+from {{ cookiecutter.package_name }}.batch_job import (
+    OutputError,
+    ReplyWriter,
+    plan,
+    reply_key,
+)
 from {{ cookiecutter.package_name }}.messages import ErrorInfo, Reply
 
 
