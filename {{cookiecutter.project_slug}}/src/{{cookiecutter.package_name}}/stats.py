@@ -53,10 +53,15 @@ class Summary:
         }
 
     def line(self) -> str:
+        served = self.inputs - self.errors
+        latency = (
+            f"latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms"
+            if served > 0
+            else "no request answered, no latency"
+        )
         return (
             f"{self.inputs} inputs ({self.errors} errors) in {self.seconds:.1f} s: "
-            f"{self.inputs_per_s:.2f} inputs/s, {self.tokens_per_s:.1f} tokens/s, "
-            f"latency p50 {self.latency_p50_ms:.0f} ms, p95 {self.latency_p95_ms:.0f} ms"
+            f"{self.inputs_per_s:.2f} inputs/s, {self.tokens_per_s:.1f} tokens/s, {latency}"
         )
 
 
