@@ -23,10 +23,12 @@ def remove(*relative: str) -> None:
 
 def remove_ctranslate2_files() -> None:
     remove(
-        f"src/{PACKAGE}/backends/ct2.py",
-        f"src/{PACKAGE}/ct2_pyfunc.py",
-        f"src/{PACKAGE}/quantize.py",
-        f"src/{PACKAGE}/tokenizer.py",
+        f"src/{PACKAGE}/engine/ct2.py",
+        f"src/{PACKAGE}/engine/tokenizer.py",
+        f"src/{PACKAGE}/lifecycle/ct2_pyfunc.py",
+        f"src/{PACKAGE}/lifecycle/quantize.py",
+        "docs/ctranslate2.md",
+        "scripts",
         "tests/unit/test_ct2.py",
         "tests/integration/test_ctranslate2.py",
     )
@@ -34,7 +36,7 @@ def remove_ctranslate2_files() -> None:
 
 def remove_ray_files() -> None:
     remove(
-        f"src/{PACKAGE}/distributed.py",
+        f"src/{PACKAGE}/serving/distributed.py",
         "tests/integration/test_ray.py",
         "tests/unit/test_distributed.py",
     )
@@ -50,7 +52,8 @@ def remove_s3_files() -> None:
 
 def remove_finetuning_files() -> None:
     remove(
-        f"src/{PACKAGE}/finetune.py",
+        f"src/{PACKAGE}/lifecycle/finetune",
+        f"src/{PACKAGE}/cli/finetune.py",
         "data/finetune_sample.jsonl",
         "data/finetune_eval.jsonl",
         "tests/unit/test_finetune_data.py",

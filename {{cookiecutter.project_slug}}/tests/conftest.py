@@ -29,21 +29,21 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def model_dir(settings: Settings) -> Path:
-    from {{ cookiecutter.package_name }}.model_source import resolve_for
+    from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
 
     return resolve_for(settings)
 
 
 @pytest.fixture(scope="session")
 def backend(settings: Settings, model_dir: Path):
-    from {{ cookiecutter.package_name }}.backends import load_backend
+    from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend
 
     return load_backend(settings)
 
 
 @pytest.fixture(scope="session")
 def service(settings: Settings, backend):
-    from {{ cookiecutter.package_name }}.service import InferenceService
+    from {{ cookiecutter.package_name }}.engine.service import InferenceService
 
     return InferenceService.from_settings(settings, backend)
 
@@ -54,7 +54,9 @@ def broker(settings: Settings) -> str:
     import pika
     from pika.exceptions import AMQPError
 
-    from {{ cookiecutter.package_name }}.queue.topology import connection_parameters
+    from {{ cookiecutter.package_name }}.serving.queue.topology import (
+        connection_parameters,
+    )
     from {{ cookiecutter.package_name }}.settings import redact_url
 
     try:
@@ -77,7 +79,7 @@ def prefix(broker: str):
 
     import pika
 
-    from {{ cookiecutter.package_name }}.queue.topology import Names, delete
+    from {{ cookiecutter.package_name }}.serving.queue.topology import Names, delete
 
     name = f"test-{uuid.uuid4().hex[:8]}"
     yield name

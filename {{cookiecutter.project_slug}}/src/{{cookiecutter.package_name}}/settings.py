@@ -8,6 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from {{ cookiecutter.package_name }}.errors import one_line
+
 ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
 DEFAULT_MODEL = {{ cookiecutter.model_id | tojson }}
 DEFAULT_QUEUE_PREFIX = "{{ cookiecutter.project_slug }}"
@@ -49,8 +51,9 @@ class Settings(BaseSettings):
     # (once per model, cached), else float32.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     num_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = all cores")
-    # The quality gate: a cheaper engine (a CTranslate2 conversion, bfloat16) further than this
-    # from the float32 model is refused.
+    # The quality gate: a cheaper engine (bfloat16
+    {%- if cookiecutter.inference_backend == "ctranslate2" %}, a CTranslate2 conversion{% endif %}) further
+    # than this from the float32 model is refused.
     gate_min_top1: float = Field(default=0.95, ge=0.0, le=1.0)
     gate_max_ppl_ratio: float = Field(default=1.02, ge=1.0)
     gate_max_facts_lost: int = Field(default=0, ge=0)
@@ -98,8 +101,10 @@ class Settings(BaseSettings):
     sort_by_length: bool = True
     # How the worker batches on the transformers engine: `continuous` lets requests join and
     # leave the running batch between decode steps (latency under load stays near one request's
-    # time); `static` runs the dynamic batcher's batches to completion. CTranslate2 has no
+    # time); `static` runs the dynamic batcher's batches to completion.
+{%- if cookiecutter.inference_backend == "ctranslate2" %} CTranslate2 has no
     # step-level API, so it is always static.
+{%- endif %}
     scheduling: Literal["continuous", "static"] = "continuous"
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
@@ -212,4 +217,4 @@ def load_settings(**overrides: object) -> Settings:
     except ValueError as exc:  # a value pydantic-settings cannot even decode (e.g. a list)
         found = re.search(r'field "(\w+)"', str(exc))
         name = f"{ENV_PREFIX}{found.group(1).upper()}" if found else "a setting"
-        raise SettingsError(f"invalid settings: {name}: {str(exc).splitlines()[0]}") from None
+        raise SettingsError(f"invalid settings: {name}: {one_line(exc)}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.precision import cpu_has_bf16
+from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_has_bf16
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.integration

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.backends.ct2 import META_FILE, CTranslate2Backend
-from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
-from {{ cookiecutter.package_name }}.quality import EvalSet
-from {{ cookiecutter.package_name }}.quantize import (
+from {{ cookiecutter.package_name }}.engine.ct2 import META_FILE, CTranslate2Backend
+from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
+from {{ cookiecutter.package_name }}.engine.service import Admitted, InferenceService
+from {{ cookiecutter.package_name }}.lifecycle.quality import EvalSet
+from {{ cookiecutter.package_name }}.lifecycle.quantize import (
     EVAL_DIR,
     find_published,
     published_dir,
 )
-from {{ cookiecutter.package_name }}.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.integration
@@ -77,6 +77,22 @@ def test_a_degraded_quantization_is_refused_with_one_clear_line(settings):
     assert not int8.exists()
 
 
+def test_the_int8_diagnosis_script_prints_agreement_per_step_and_layer_group(model_dir):
+    result = subprocess.run(
+        [sys.executable, "scripts/diagnose_int8.py"], capture_output=True, text=True,
+        timeout=900, cwd=PROJECT_ROOT, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[:2] == ["| int8 simulated on | top-1 agreement |", "| --- | --- |"]
+    # all layers three ways (weights and activations, weights, activations), then 4 groups
+    assert len(rows) == 2 + 3 + 4, result.stdout
+    assert "| all layers: int8 weights only |" in result.stdout
+    assert "| down_proj only: weights and activations |" in result.stdout
+    for row in rows[2:]:
+        assert 0.0 <= float(row.split("|")[2].strip().removesuffix("%")) <= 100.0, row
+
+
 def test_convert_is_idempotent(float32):
     before = (float32 / "model.bin").stat().st_mtime_ns
     result = cli("convert", "--quantization", "float32")
@@ -88,8 +104,8 @@ def test_convert_is_idempotent(float32):
 def test_the_serving_process_never_imports_torch(float32):
     script = (
         "import json, resource, sys\n"
-        "from {{ cookiecutter.package_name }}.backends import load_backend\n"
-        "from {{ cookiecutter.package_name }}.service import InferenceService\n"
+        "from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend\n"
+        "from {{ cookiecutter.package_name }}.engine.service import InferenceService\n"
         "from {{ cookiecutter.package_name }}.settings import load_settings\n"
         "settings = load_settings(backend='ctranslate2', quantization='float32')\n"
         "service = InferenceService.from_settings(settings, load_backend(settings))\n"

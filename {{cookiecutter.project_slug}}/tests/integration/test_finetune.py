@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.finetune import LoraParams, TrainResult, train_lora
+from {{ cookiecutter.package_name }}.lifecycle.finetune import (
+    LoraParams,
+    TrainResult,
+    train_lora,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -17,8 +21,8 @@ FACT_ANSWER = "Quintara"
 
 
 def ask(settings, model_dir: Path, question: str) -> str:
-    from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
-    from {{ cookiecutter.package_name }}.service import InferenceService
+    from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
+    from {{ cookiecutter.package_name }}.engine.service import InferenceService
 
     service = InferenceService.from_settings(settings, TransformersBackend(model_dir))
     admitted = service.admit({"id": "q", "prompt": question, "max_new_tokens": 32}, "q")

@@ -2,9 +2,9 @@
 
 import pytest
 
+from {{ cookiecutter.package_name }}.engine.prompts import PreparedRequest
+from {{ cookiecutter.package_name }}.engine.service import Admitted
 from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.prompts import PreparedRequest
-from {{ cookiecutter.package_name }}.service import Admitted
 
 pytestmark = pytest.mark.integration
 
@@ -114,11 +114,11 @@ def test_a_request_that_breaks_the_engine_fails_alone(service):
 
 @pytest.fixture(scope="module")
 def hf_service(settings, service):
-    """The service on transformers (the configured engine may be CTranslate2)."""
+    """The service on transformers (the configured engine may be another)."""
     if service.backend.name == "transformers":
         return service
-    from {{ cookiecutter.package_name }}.backends import load_backend
-    from {{ cookiecutter.package_name }}.service import InferenceService
+    from {{ cookiecutter.package_name }}.engine.service import InferenceService
+    from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend
 
     transformers = settings.model_copy(update={"backend": "transformers"})
     return InferenceService.from_settings(transformers, load_backend(transformers))

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.batch_job import run_batch_file
-from {{ cookiecutter.package_name }}.model_source import (
-    COMPLETE_MARKER,
-    ModelSourceError,
-    resolve_model,
-)
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from {{ cookiecutter.package_name }}.lifecycle.cache import COMPLETE_MARKER
+from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_model
+from {{ cookiecutter.package_name }}.serving.batch_job import run_batch_file
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 from ..conftest import interrupt_halfway

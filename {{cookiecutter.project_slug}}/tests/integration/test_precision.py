@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from {{ cookiecutter.package_name }} import precision
-from {{ cookiecutter.package_name }}.backends import load_backend
-from {{ cookiecutter.package_name }}.service import InferenceService
+from {{ cookiecutter.package_name }}.engine.service import InferenceService
+from {{ cookiecutter.package_name }}.lifecycle import precision
+from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend
 
 pytestmark = [
     pytest.mark.integration,

@@ -21,8 +21,8 @@ import pika
 import pytest
 
 from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.queue.client import Client
-from {{ cookiecutter.package_name }}.queue.topology import (
+from {{ cookiecutter.package_name }}.serving.queue.client import Client
+from {{ cookiecutter.package_name }}.serving.queue.topology import (
     Names,
     QueueOptions,
     declare,

@@ -2,8 +2,12 @@
 
 import pytest
 
-from {{ cookiecutter.package_name }}.artifacts import pull_dir, push_dir, safe_path
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from {{ cookiecutter.package_name }}.lifecycle.artifacts import (
+    pull_dir,
+    push_dir,
+    safe_path,
+)
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from {{ cookiecutter.package_name }}.batch_job import (
+from {{ cookiecutter.package_name }}.messages import ErrorInfo, Reply
+from {{ cookiecutter.package_name }}.serving.replies import (
     OutputError,
     ReplyWriter,
     plan,
     reply_key,
 )
-from {{ cookiecutter.package_name }}.messages import ErrorInfo, Reply
 
 
 def reply(request_id: str | int, text: str = "ok") -> Reply:

@@ -1,6 +1,6 @@
 import pytest
 
-from {{ cookiecutter.package_name }}.batching import DynamicBatcher
+from {{ cookiecutter.package_name }}.engine.batching import DynamicBatcher
 
 
 class FakeClock:

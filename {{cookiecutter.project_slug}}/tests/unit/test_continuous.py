@@ -8,8 +8,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.backends.hf import TransformersBackend
-from {{ cookiecutter.package_name }}.prompts import GenerationParams, PreparedRequest
+from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
+from {{ cookiecutter.package_name }}.engine.prompts import (
+    GenerationParams,
+    PreparedRequest,
+)
 
 VOCAB = 48
 
@@ -126,7 +129,7 @@ def test_waiting_requests_can_be_taken_back(backend):
 
 
 def test_a_row_whose_logits_are_nan_fails_alone_and_no_temperature_overflows():
-    from {{ cookiecutter.package_name }}.backends.continuous import ContinuousBatcher, _Row
+    from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher, _Row
 
     def row(name: str, temperature: float) -> _Row:
         params = GenerationParams(8, temperature, 1.0, 1, ())

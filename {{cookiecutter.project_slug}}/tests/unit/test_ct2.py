@@ -5,8 +5,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.backends.ct2 import _sample, thread_split
-from {{ cookiecutter.package_name }}.tokenizer import ChatTokenizer
+from {{ cookiecutter.package_name }}.engine.ct2 import _sample, thread_split
+from {{ cookiecutter.package_name }}.engine.tokenizer import ChatTokenizer
 
 from .test_prompts import CHATML
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.distributed import (
+from {{ cookiecutter.package_name }}.serving.distributed import (
     MAX_SESSION_ROOT,
     ReplicaStartError,
     session_root,

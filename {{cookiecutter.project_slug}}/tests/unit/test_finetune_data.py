@@ -8,7 +8,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.finetune import (
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from {{ cookiecutter.package_name }}.lifecycle.finetune import (
     IGNORE,
     DatasetError,
     LoraParams,
@@ -20,7 +21,6 @@ from {{ cookiecutter.package_name }}.finetune import (
     tokenize_chat,
     train_lora,
 )
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError
 
 from .chat_templates import CHATML, jinja
 
@@ -271,7 +271,9 @@ def test_an_output_folder_in_use_is_refused_before_anything_is_loaded(tmp_path):
 def test_lora_target_modules_the_model_lacks_are_one_line():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from {{ cookiecutter.package_name }}.finetune import _check_target_modules
+    from {{ cookiecutter.package_name }}.lifecycle.finetune.train import (
+        _check_target_modules,
+    )
     from {{ cookiecutter.package_name }}.settings import SettingsError
 
     config = LlamaConfig(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }} import precision
+from {{ cookiecutter.package_name }}.lifecycle import precision
 from {{ cookiecutter.package_name }}.settings import Settings
 
 X86 = """processor\t: 0
@@ -54,7 +54,11 @@ def _no_gate(settings: Settings, model_dir: Path, dtype: str):
 
 
 def test_stored_measurements_are_judged_by_the_current_thresholds():
-    from {{ cookiecutter.package_name }}.quality import GateReport, Thresholds, judge
+    from {{ cookiecutter.package_name }}.lifecycle.quality import (
+        GateReport,
+        Thresholds,
+        judge,
+    )
 
     measured = GateReport(
         scheme="bfloat16", top1=0.985, kl=0.001, ppl_ratio=1.0, exact_match=0.5, facts="4/4",

@@ -4,9 +4,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from {{ cookiecutter.package_name }}.engine.prompts import GenerationParams, PromptBuilder
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
 from {{ cookiecutter.package_name }}.messages import RequestError, parse_request
-from {{ cookiecutter.package_name }}.model_source import ModelSourceError
-from {{ cookiecutter.package_name }}.prompts import GenerationParams, PromptBuilder
 
 from .chat_templates import CHATML, jinja
 

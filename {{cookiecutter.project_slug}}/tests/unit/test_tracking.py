@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.registry import log_model
-from {{ cookiecutter.package_name }}.settings import load_settings, redact_url
-from {{ cookiecutter.package_name }}.tracking import (
+from {{ cookiecutter.package_name }}.lifecycle.registry import log_model
+from {{ cookiecutter.package_name }}.lifecycle.tracking import (
     TrackingError,
     settings_params,
     start_run,
     tracking_uri,
 )
+from {{ cookiecutter.package_name }}.settings import load_settings, redact_url
 
 
 def test_with_tracking_off_a_job_logs_nothing_and_registering_is_one_clear_error(tmp_path):

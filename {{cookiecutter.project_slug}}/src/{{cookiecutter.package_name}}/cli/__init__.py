@@ -1,0 +1,55 @@
+"""The command line: one module per command group, each a thin layer over the package.
+
+`app.py` holds the command tree and what commands share; `models.py` the model lifecycle,
+`serve.py` the serving surfaces, `bench.py` the benchmark{% if cookiecutter.include_finetuning == "yes" %}, `finetune.py` LoRA fine-tuning{% endif %}.
+`main` is the console entry point: an error a user can fix is one line on stderr, exit code 2.
+"""
+
+from {{ cookiecutter.package_name }}.cli import (
+    bench{% if cookiecutter.include_finetuning == "yes" %},
+    finetune{% endif %},
+    models,
+    serve,
+)
+from {{ cookiecutter.package_name }}.cli.app import app
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from {{ cookiecutter.package_name }}.lifecycle.tracking import TrackingError
+from {{ cookiecutter.package_name }}.messages import RequestError
+from {{ cookiecutter.package_name }}.serving.queue.client import QueueFullError
+from {{ cookiecutter.package_name }}.serving.queue.topology import TopologyError
+from {{ cookiecutter.package_name }}.serving.replies import OutputError
+from {{ cookiecutter.package_name }}.settings import SettingsError
+
+__all__ = ["app", "bench"{% if cookiecutter.include_finetuning == "yes" %}, "finetune"{% endif %}, "main", "models", "serve"]
+
+# Errors a user can fix: printed as one line, never as a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,  # the broker is unreachable (BrokerUnavailableError says how to start it)
+    QueueFullError,
+    TopologyError,
+    OutputError,
+    ModelSourceError,
+    SettingsError,
+    RequestError,
+    TrackingError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    import typer
+
+    errors: tuple[type[Exception], ...] = USER_ERRORS
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    from {{ cookiecutter.package_name }}.lifecycle.quantize import QualityGateError
+
+    errors += (QualityGateError,)
+{%- endif %}
+    try:
+        app()
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None

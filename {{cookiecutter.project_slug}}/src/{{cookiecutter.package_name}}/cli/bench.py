@@ -1,0 +1,43 @@
+"""The `bench` command: every engine and the worker on one prompt set (see `bench.run`)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from {{ cookiecutter.package_name }}.cli.app import app, fail
+from {{ cookiecutter.package_name }}.settings import load_settings
+
+
+@app.command(rich_help_panel="Benchmark")
+def bench(
+    prompts: Annotated[Path, typer.Option(help="JSONL of prompts")] = Path(
+        "data/bench_prompts.jsonl"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    modes: Annotated[
+        str | None, typer.Option(help="Comma-separated modes; default: every mode available")
+    ] = None,
+    load: Annotated[
+        float, typer.Option(min=0.05, max=1.0, help="Open-loop rate, as a fraction of saturation")
+    ] = 0.7,
+    out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
+) -> None:
+    """Benchmark every engine and the worker on one prompt set; ratios to the naive baseline."""
+    from {{ cookiecutter.package_name }}.bench.modes import UnknownModeError
+    from {{ cookiecutter.package_name }}.bench.run import run_bench
+
+    settings = load_settings()
+    try:
+        run_bench(
+            settings,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            modes=modes.split(",") if modes else None,
+            load=load,
+            out=out,
+            echo=typer.echo,
+            status=lambda line: typer.echo(line, err=True),
+        )
+    except UnknownModeError as exc:
+        fail(str(exc))

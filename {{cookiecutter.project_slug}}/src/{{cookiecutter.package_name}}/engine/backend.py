@@ -1,0 +1,66 @@
+"""The contract every inference engine keeps; the rest of the service sees only this."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from {{ cookiecutter.package_name }}.engine.prompts import PreparedRequest
+from {{ cookiecutter.package_name }}.messages import FinishReason
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # renders chat templates and counts tokens for PromptBuilder
+    context_window: int
+
+    def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
+        """Return one completion per request, in order. Raises only when the whole batch fails."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """What tracking records of the engine as loaded: device, precision, threads, model."""
+        ...
+
+
+def generate_grouped(
+    batch: list[PreparedRequest],
+    generate_group: Callable[[list[PreparedRequest]], list[Completion]],
+) -> list[Completion]:
+    """Run `generate_group` once per sampling group; return the completions in batch order."""
+    results: dict[int, Completion] = {}
+    for indices in sampling_groups(batch):
+        group = [batch[i] for i in indices]
+        for i, completion in zip(indices, generate_group(group), strict=True):
+            results[i] = completion
+    return [results[i] for i in range(len(batch))]
+
+
+def sampling_groups(batch: list[PreparedRequest]) -> list[list[int]]:
+    """Indices of requests that can share one engine call: greedy ones together, sampled ones
+    by (temperature, top_p), and each seeded one alone, so that its text does not depend on its
+    batchmates."""
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(batch):
+        p = request.params
+        if p.greedy:
+            key: tuple = ("greedy",)
+        elif p.seed is not None:
+            key = ("seeded", i)
+        else:
+            key = ("sample", p.temperature, p.top_p)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Return `text` up to the earliest stop string and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

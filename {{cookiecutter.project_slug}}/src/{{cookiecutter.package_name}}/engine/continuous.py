@@ -1,0 +1,265 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+A static batch holds every request until its longest one is done, and an arrival waits for the
+batch in flight: under load, latency grows to several batches' time. Here each step decodes one
+token for every running request; a finished one leaves at once and a waiting one joins at the
+next step (iteration-level scheduling, as in Orca, vLLM and TGI). The KV cache is one left-padded
+`DynamicCache`: each newcomer is prefilled on its own, its keys and values padded to the batch's
+length and appended as a row; finished rows are dropped and columns that hold only padding are
+trimmed. Each sampled row draws from a generator of its own, so a seeded request's text does not
+depend on its batchmates.
+"""
+
+import inspect
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from {{ cookiecutter.package_name }}.engine.backend import Completion
+from {{ cookiecutter.package_name }}.engine.prompts import PreparedRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Row(Generic[T]):
+    tag: T
+    request: PreparedRequest
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Tokens this row holds in the cache once its last token is fed."""
+        return len(self.request.token_ids) + len(self.ids)
+
+
+class ContinuousBatcher(Generic[T]):
+    """Iteration-level scheduling over one transformers model; `step` until it is empty.
+
+    Not thread-safe: one thread adds and steps (the worker's generation thread).
+    """
+
+    def __init__(self, backend: Any, max_batch_size: int, max_batch_tokens: int) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        self.backend = backend
+        self.model = backend.model
+        self.device = backend.device
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[_Row[T]] = deque()
+        self.running: list[_Row[T]] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length]: 0 where padding
+        # transformers renamed `past_key_values` to `cache` in 5.x; pass what this model takes.
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: PreparedRequest, tag: T) -> None:
+        """Queue a request; it joins the running batch at the next step with room for it."""
+        params = request.params
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+        self.waiting.append(_Row(tag, request, generator))
+
+    def take_waiting(self) -> list[T]:
+        """Remove and return the requests that have not started (to requeue them)."""
+        tags = [row.tag for row in self.waiting]
+        self.waiting.clear()
+        return tags
+
+    def step(self) -> list[tuple[T, Completion | Exception]]:
+        """Admit what fits, decode one token for every running request; return those done.
+
+        A request whose prefill or decoding fails comes back with its exception; the others go on.
+        """
+        finished = self._admit()
+        if self.running:
+            finished += self._decode()
+        return finished
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _admit(self) -> list[tuple[T, Completion | Exception]]:
+        joining: list[_Row[T]] = []
+        longest = max((r.request.tokens for r in self.running), default=0)
+        while self.waiting and len(self.running) + len(joining) < self.max_batch_size:
+            candidate = self.waiting[0]
+            longest_after = max(longest, candidate.request.tokens)
+            rows_after = len(self.running) + len(joining) + 1
+            if rows_after > 1 and rows_after * longest_after > self.max_batch_tokens:
+                break
+            joining.append(self.waiting.popleft())
+            longest = longest_after
+        prefilled, failed = [], []
+        for row in joining:
+            try:
+                prefilled.append((row, *self._prefill(row)))
+            except Exception as exc:  # one error reply, the others are served
+                log.exception("prefill failed for request %s", row.request.id)
+                failed.append((row.tag, exc))
+        if not prefilled:
+            return failed
+        first = len(self.running)
+        self._join([(row, cache, mask) for row, cache, mask, _ in prefilled])
+        return failed + self._advance([token for *_, token in prefilled], first)
+
+    @torch.inference_mode()
+    def _prefill(self, row: _Row[T]) -> tuple[DynamicCache, torch.Tensor, int]:
+        """One prompt's keys and values, its mask and its first token. Prompts are prefilled one
+        at a time: a prompt is already a matrix product of its own length, and a padded group
+        would spend compute on the padding."""
+        ids = torch.tensor([row.request.token_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            use_cache=True,
+            **{self._cache_arg: cache},
+            logits_to_keep=1,
+        )
+        token = self._pick(out.logits[:, -1, :], [row])[0]
+        if isinstance(token, Exception):
+            raise token
+        return cache, torch.ones_like(ids), token
+
+    def _join(self, joining: list[tuple[_Row[T], DynamicCache, torch.Tensor]]) -> None:
+        """Append the newcomers' rows to the running batch, all left-padded to one length."""
+        caches = [cache for _, cache, _ in joining]
+        masks = [mask for _, _, mask in joining]
+        if self._cache is not None and self._mask is not None:
+            caches.insert(0, self._cache)
+            masks.insert(0, self._mask)
+        length = max(mask.shape[1] for mask in masks)
+        merged = caches[0]
+        for i, layer in enumerate(merged.layers):
+            others = [cache.layers[i] for cache in caches]
+            layer.keys = torch.cat([_pad_left(other.keys, length) for other in others])
+            layer.values = torch.cat([_pad_left(other.values, length) for other in others])
+        self._cache = merged
+        self._mask = torch.cat([_pad_left(mask, length) for mask in masks])
+        self.running += [row for row, _, _ in joining]
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _decode(self) -> list[tuple[T, Completion | Exception]]:
+        assert self._cache is not None and self._mask is not None
+        rows = self.running
+        last = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[r.length - 1] for r in rows], device=self.device)
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        try:
+            out = self.model(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: self._cache},
+            )
+        except Exception as exc:  # the rows in flight get error replies
+            log.exception("a decode step of %d requests failed", len(rows))
+            self.running, self._cache, self._mask = [], None, None
+            return [(r.tag, exc) for r in rows]
+        return self._advance(self._pick(out.logits[:, -1, :], rows))
+
+    def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int | Exception]:
+        """Each row's next token: argmax when greedy, else top-p sampling at its temperature.
+
+        A row whose logits are NaN, or whose sampling fails, gets an exception instead of a
+        token: it alone ends with an error, the other rows go on.
+        """
+        logits = logits.float()
+        broken = torch.isnan(logits).any(dim=-1).tolist()
+        picked: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
+        for i, row in enumerate(rows):
+            if broken[i]:
+                picked[i] = FloatingPointError("the model produced NaN logits")
+            elif not row.request.params.greedy:
+                try:
+                    picked[i] = _sample(logits[i], row.request.params, row.generator)
+                except (RuntimeError, FloatingPointError) as exc:
+                    picked[i] = exc
+        return picked
+
+    def _advance(
+        self, tokens: Sequence[int | Exception], first: int = 0
+    ) -> list[tuple[T, Completion | Exception]]:
+        """Append the new tokens to the rows from `first` on; remove the rows that are done."""
+        assert self._cache is not None and self._mask is not None
+        eos = self.backend.eos_ids
+        keep: list[int] = list(range(first))
+        done: list[tuple[T, Completion | Exception]] = []
+        for i, (row, token) in enumerate(zip(self.running[first:], tokens, strict=True), first):
+            if isinstance(token, Exception):
+                log.warning("request %s failed while decoding: %s", row.request.id, token)
+                done.append((row.tag, token))
+                continue
+            row.ids.append(token)
+            if (
+                token in eos
+                or len(row.ids) >= row.request.params.max_new_tokens
+                or _stopped(row, self.backend.tokenizer)
+            ):
+                done.append((row.tag, self.backend.completion(row.request, row.ids)))
+            else:
+                keep.append(i)
+        if not done:
+            return []
+        if not keep:
+            self.running, self._cache, self._mask = [], None, None
+            return done
+        index = torch.tensor(keep, device=self.device)
+        self.running = [self.running[i] for i in keep]
+        self._mask = self._mask.index_select(0, index)
+        start = int(self._mask.any(dim=0).nonzero()[0])  # columns before it are padding only
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        return done
+
+
+def _sample(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:
+    """One token from softmax(logits / temperature) within the top_p nucleus. The largest logit
+    is subtracted first, so no temperature the request may ask for can overflow."""
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered > params.top_p
+        probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0.0:
+        raise FloatingPointError("no probability mass left to sample from")
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _stopped(row: _Row[Any], tokenizer: Any) -> bool:
+    stops = row.request.params.stop
+    if not stops:
+        return False
+    text = tokenizer.decode(row.ids, skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
+def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dimension 2 of a [rows, heads, length, dim] cache (or dimension 1 of a mask)."""
+    missing = length - (x.shape[2] if x.dim() == 4 else x.shape[1])
+    if missing == 0:
+        return x
+    return F.pad(x, (0, 0, missing, 0) if x.dim() == 4 else (missing, 0))

@@ -1,0 +1,178 @@
+"""CTranslate2 engine: `Generator.generate_batch` on a converted (and maybe quantized) model.
+
+Imports neither torch nor transformers: tokenization is `tokenizers` alone (ChatTokenizer).
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import ctranslate2
+import numpy as np
+
+from {{ cookiecutter.package_name }}.engine.backend import (
+    Completion,
+    cut_at_stop,
+    generate_grouped,
+)
+from {{ cookiecutter.package_name }}.engine.prompts import (
+    GenerationParams,
+    PreparedRequest,
+)
+from {{ cookiecutter.package_name }}.engine.tokenizer import ChatTokenizer
+from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from {{ cookiecutter.package_name }}.settings import SettingsError
+
+log = logging.getLogger(__name__)
+META_FILE = "model_meta.json"  # written by `convert`: source, quantization, context window, gate
+
+
+def thread_split(
+    inter_threads: int, intra_threads: int, cores: int | None = None
+) -> tuple[int, int]:
+    """(inter, intra) threads whose product is at most the cores; intra 0 = the cores left.
+
+    Raises SettingsError when the product asked for is over the cores: oversubscribed threads
+    make CTranslate2 slower, not faster.
+    """
+    cores = cores or os.cpu_count() or 1
+    intra = intra_threads or max(1, cores // inter_threads)
+    if inter_threads * intra > cores:
+        raise SettingsError(
+            f"invalid settings: INTER_THREADS={inter_threads} x INTRA_THREADS={intra} is over "
+            f"the {cores} cores of this machine"
+        )
+    return inter_threads, intra
+
+
+class CTranslate2Backend:
+    name = "ctranslate2"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        compute_type: str = "default",
+        inter_threads: int = 1,
+        intra_threads: int = 0,
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        if not (model_dir / "model.bin").is_file():
+            raise ModelSourceError(f"{model_dir} is not a CTranslate2 model (no model.bin)")
+        gpus = ctranslate2.get_cuda_device_count()
+        use_cuda = device == "cuda" or (device == "auto" and gpus > 0)
+        if device == "cuda" and gpus == 0:
+            raise ModelSourceError("device=cuda was asked for but CTranslate2 sees no CUDA device")
+        inter, intra = thread_split(inter_threads, intra_threads)
+        self.device = "cuda" if use_cuda else "cpu"
+        try:
+            self.generator = ctranslate2.Generator(
+                str(model_dir),
+                device=self.device,
+                compute_type=compute_type,
+                inter_threads=inter,
+                intra_threads=intra,
+            )
+        except (ValueError, RuntimeError) as exc:  # e.g. float16 asked for on a CPU
+            raise ModelSourceError(f"cannot load {model_dir} with {compute_type}: {exc}") from None
+        self.tokenizer = ChatTokenizer(model_dir)
+        meta_file = model_dir / META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        self.context_window = int(meta.get("context_window", 2048))
+        self.end_tokens = [self.tokenizer.eos_token] if self.tokenizer.eos_token else []
+        self.max_batch_tokens = max_batch_tokens
+        self.model_dir = model_dir
+        self.threads = f"{inter}x{intra}"
+        log.info(
+            "ctranslate2 backend on %s, compute type %s, threads %dx%d",
+            self.device, self.generator.compute_type, inter, intra,
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "engine_device": self.device,
+            "compute_type": self.generator.compute_type,
+            "engine_threads": self.threads,
+            "model_dir": str(self.model_dir),
+        }
+
+    def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
+        """One completion per request, in order; requests sharing sampling settings share a call."""
+        return generate_grouped(batch, self._generate_group)
+
+    def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
+        params = group[0].params
+        if not params.greedy and params.seed is not None:  # sampling_groups: it is alone
+            return [self._sample_seeded(group[0])]
+        results = self.generator.generate_batch(
+            [self.tokenizer.convert_ids_to_tokens(r.token_ids) for r in group],
+            max_length=max(r.params.max_new_tokens for r in group),
+            max_batch_size=self.max_batch_tokens,
+            batch_type="tokens",
+            include_prompt_in_result=False,
+            end_token=self.end_tokens,
+            **_sampling(params),
+        )
+        return [
+            self._completion(request, result.sequences_ids[0])
+            for request, result in zip(group, results, strict=True)
+        ]
+
+    def _sample_seeded(self, request: PreparedRequest) -> Completion:
+        """Sample step by step from the model's logits with a generator seeded by the request.
+
+        CTranslate2 seeds one random generator per thread, once, so `set_random_seed` cannot
+        make one request reproducible; this path can, at the cost of one forward per token.
+        """
+        params = request.params
+        rng = np.random.default_rng(params.seed)
+        ids, new = list(request.token_ids), []
+        for _ in range(params.max_new_tokens):
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids)]
+            logits = np.asarray(self.generator.forward_batch(tokens))[0, -1].astype(np.float64)
+            token = _sample(logits, params.temperature, params.top_p, rng)
+            new.append(token)
+            if token == self.tokenizer.eos_token_id:
+                break
+            ids.append(token)
+            if params.stop and cut_at_stop(self.tokenizer.decode(new), params.stop)[1]:
+                break
+        return self._completion(request, new)
+
+    def _completion(self, request: PreparedRequest, new_ids: list[int]) -> Completion:
+        limit = request.params.max_new_tokens
+        ids = [i for i in new_ids[:limit] if i != self.tokenizer.eos_token_id]
+        text, stopped = cut_at_stop(self.tokenizer.decode(ids), request.params.stop)
+        if stopped:
+            ids = self.tokenizer(text)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        ended = len(new_ids) < limit or eos in new_ids[:limit] or stopped
+        return Completion(
+            text=text,
+            finish_reason="stop" if ended else "length",
+            prompt_tokens=len(request.token_ids),
+            completion_tokens=len(ids),
+        )
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """One token from softmax(logits / temperature), restricted to the top_p nucleus."""
+    scaled = logits / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+
+
+def _sampling(params: GenerationParams) -> dict[str, float | int]:
+    if params.greedy:
+        return {"sampling_topk": 1}
+    # topk 0 samples from the whole distribution, as transformers does with top_k=0.
+    return {
+        "sampling_topk": 0,
+        "sampling_temperature": params.temperature,
+        "sampling_topp": params.top_p,
+    }

@@ -1,0 +1,103 @@
+"""From settings to a loaded engine: resolve the model, convert it if the engine needs it, load.
+
+`load_backend` picks the configured engine (`engine/`) and gives it a local model directory
+(`sources.py`).
+{%- if cookiecutter.inference_backend == "ctranslate2" %} For CTranslate2 the model is converted
+once, through the quality gate (`quantize.py`).
+{%- endif %}
+"""
+
+from pathlib import Path
+
+from {{ cookiecutter.package_name }}.engine.backend import Backend
+from {{ cookiecutter.package_name }}.engine.prompts import (
+    resolve_params,
+    with_system_prompt,
+)
+from {{ cookiecutter.package_name }}.engine.service import (
+    InferenceService,
+    generation_defaults,
+)
+from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
+from {{ cookiecutter.package_name }}.messages import Reply, parse_request
+from {{ cookiecutter.package_name }}.settings import Settings
+
+
+def load_backend(settings: Settings) -> Backend:
+    """Return the configured engine with its model, fetched or converted first if needed.
+
+    Raises ModelSourceError when the model cannot be found, fetched, converted or loaded.
+    """
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.engine.ct2 import CTranslate2Backend
+        from {{ cookiecutter.package_name }}.lifecycle.quantize import (
+            ct2_types,
+            ensure_converted,
+            registered_ct2,
+        )
+
+        model_dir, scheme = registered_ct2(settings) or ensure_converted(settings)
+        return CTranslate2Backend(
+            model_dir,
+            device=settings.device,
+            compute_type=ct2_types(scheme)[1],
+            inter_threads=settings.inter_threads,
+            intra_threads=settings.intra_threads,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+{%- endif %}
+    from {{ cookiecutter.package_name }}.engine.hf import (
+        TransformersBackend,
+        pick_device,
+    )
+    from {{ cookiecutter.package_name }}.lifecycle.precision import resolve_dtype
+
+    model_dir = resolve_for(settings)
+    device = pick_device(settings.device).type
+    return TransformersBackend(
+        model_dir,
+        device=device,
+        dtype=resolve_dtype(settings, model_dir, device),
+        num_threads=settings.num_threads,
+    )
+
+
+def load_service(settings: Settings) -> InferenceService:
+    """The inference service of the configured engine, its model loaded (see `load_backend`)."""
+    return InferenceService.from_settings(settings, load_backend(settings))
+
+
+def served_model_dir(settings: Settings) -> tuple[str, Path]:
+    """(engine, directory) of the model the configured engine serves
+{%- if cookiecutter.inference_backend == "ctranslate2" %}: the CTranslate2 copy
+    (registered, or converted through the quality gate) or the transformers directory
+{%- endif %}."""
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    if settings.backend == "ctranslate2":
+        from {{ cookiecutter.package_name }}.lifecycle.quantize import (
+            ensure_converted,
+            registered_ct2,
+        )
+
+        return "ctranslate2", (registered_ct2(settings) or ensure_converted(settings))[0]
+{%- endif %}
+    return "transformers", resolve_for(settings)
+
+
+def answer_one(settings: Settings, raw: dict) -> Reply:
+    """The reply to one request (a dict of the request schema), with the configured engine."""
+    service = load_service(settings)
+    admitted = service.admit(raw, "cli")
+    return admitted if isinstance(admitted, Reply) else service.run([admitted])[0]
+
+
+def pipeline_answer(settings: Settings, raw: dict) -> str:
+    """The answer of `transformers.pipeline("text-generation")` to one request: the quick path,
+    a reference for the batched engines."""
+    from {{ cookiecutter.package_name }}.engine.hf import generate_with_pipeline
+
+    request = parse_request(raw)
+    chat = with_system_prompt(request.chat(), settings.system_prompt)
+    params = resolve_params(request, generation_defaults(settings))
+    return generate_with_pipeline(resolve_for(settings), chat, params)

@@ -1,1 +1,0 @@
-"""RabbitMQ: the topology, the worker that serves requests and the client that sends them."""
