@@ -29,25 +29,25 @@ def remove_ctranslate2_files() -> None:
         f"src/{PACKAGE}/lifecycle/quantize.py",
         "docs/ctranslate2.md",
         "scripts",
-        "tests/unit/test_ct2.py",
-        "tests/integration/test_ctranslate2.py",
+        "tests/unit/engine/test_ct2.py",
+        "tests/integration/lifecycle/test_ctranslate2.py",
     )
 
 
 def remove_ray_files() -> None:
     remove(
         f"src/{PACKAGE}/serving/distributed.py",
-        "tests/integration/test_ray.py",
-        "tests/unit/test_distributed.py",
+        "tests/integration/serving/test_ray.py",
+        "tests/unit/serving/test_distributed.py",
     )
 
 
 def remove_mysql_files() -> None:
-    remove("tests/integration/test_tracking_mysql.py")
+    remove("tests/integration/lifecycle/test_tracking_mysql.py")
 
 
 def remove_s3_files() -> None:
-    remove("tests/integration/test_artifacts_s3.py")
+    remove("tests/integration/lifecycle/test_artifacts_s3.py")
 
 
 def remove_finetuning_files() -> None:
@@ -56,8 +56,8 @@ def remove_finetuning_files() -> None:
         f"src/{PACKAGE}/cli/finetune.py",
         "data/finetune_sample.jsonl",
         "data/finetune_eval.jsonl",
-        "tests/unit/test_finetune_data.py",
-        "tests/integration/test_finetune.py",
+        "tests/unit/lifecycle/test_finetune_data.py",
+        "tests/integration/lifecycle/test_finetune.py",
     )
 
 

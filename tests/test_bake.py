@@ -93,23 +93,31 @@ BASE_FILES = {
     "tests/__init__.py",
     "tests/conftest.py",
     "tests/integration/__init__.py",
-    "tests/integration/test_bench.py",
-    "tests/integration/test_generation.py",
-    "tests/integration/test_jobs.py",
-    "tests/integration/test_precision.py",
-    "tests/integration/test_queue.py",
-    "tests/integration/test_tracking.py",
+    "tests/integration/bench/__init__.py",
+    "tests/integration/engine/__init__.py",
+    "tests/integration/lifecycle/__init__.py",
+    "tests/integration/serving/__init__.py",
+    "tests/unit/engine/__init__.py",
+    "tests/unit/lifecycle/__init__.py",
+    "tests/unit/serving/__init__.py",
+    "tests/integration/bench/test_bench.py",
+    "tests/integration/engine/test_generation.py",
+    "tests/integration/serving/test_jobs.py",
+    "tests/integration/lifecycle/test_precision.py",
+    "tests/integration/serving/test_queue.py",
+    "tests/integration/lifecycle/test_tracking.py",
     "tests/unit/__init__.py",
     "tests/unit/chat_templates.py",
-    "tests/unit/test_artifacts.py",
-    "tests/unit/test_batch_job.py",
-    "tests/unit/test_batching.py",
-    "tests/unit/test_continuous.py",
+    "tests/unit/lifecycle/test_artifacts.py",
+    "tests/unit/serving/test_replies.py",
+    "tests/unit/engine/test_batching.py",
+    "tests/unit/engine/test_continuous.py",
     "tests/unit/test_messages.py",
-    "tests/unit/test_precision.py",
-    "tests/unit/test_prompts.py",
+    "tests/unit/lifecycle/test_precision.py",
+    "tests/unit/engine/test_prompts.py",
+    "tests/unit/test_layers.py",
     "tests/unit/test_settings.py",
-    "tests/unit/test_tracking.py",
+    "tests/unit/lifecycle/test_tracking.py",
 }
 
 
@@ -121,8 +129,8 @@ CTRANSLATE2_FILES = {
     "src/{pkg}/engine/tokenizer.py",
     "src/{pkg}/lifecycle/ct2_pyfunc.py",
     "src/{pkg}/lifecycle/quantize.py",
-    "tests/integration/test_ctranslate2.py",
-    "tests/unit/test_ct2.py",
+    "tests/integration/lifecycle/test_ctranslate2.py",
+    "tests/unit/engine/test_ct2.py",
 }
 
 
@@ -134,8 +142,8 @@ FINETUNING_FILES = {
     "src/{pkg}/lifecycle/finetune/train.py",
     "data/finetune_sample.jsonl",
     "data/finetune_eval.jsonl",
-    "tests/unit/test_finetune_data.py",
-    "tests/integration/test_finetune.py",
+    "tests/unit/lifecycle/test_finetune_data.py",
+    "tests/integration/lifecycle/test_finetune.py",
 }
 
 
@@ -146,13 +154,13 @@ def expected_files(combo: dict[str, str], package: str) -> set[str]:
     if combo["worker_runtime"] == "ray":
         paths |= {
             "src/{pkg}/serving/distributed.py",
-            "tests/integration/test_ray.py",
-            "tests/unit/test_distributed.py",
+            "tests/integration/serving/test_ray.py",
+            "tests/unit/serving/test_distributed.py",
         }
     if combo["tracking_backend"] == "mysql":
-        paths.add("tests/integration/test_tracking_mysql.py")
+        paths.add("tests/integration/lifecycle/test_tracking_mysql.py")
     if combo["artifact_store"] == "s3":
-        paths.add("tests/integration/test_artifacts_s3.py")
+        paths.add("tests/integration/lifecycle/test_artifacts_s3.py")
     if combo["include_finetuning"] == "yes":
         paths |= FINETUNING_FILES
     return {path.format(pkg=package) for path in paths}

@@ -17,7 +17,7 @@ for _name in ("MLFLOW_TRACKING_URI", f"{ENV_PREFIX}TRACKING_URI"):
 os.environ[f"{ENV_PREFIX}TRACKING_DIR"] = tempfile.mkdtemp(prefix="mlruns-test-")
 # The tests compare texts exactly (batched against one at a time, worker against job): float32,
 # whose padded batches match one at a time, not `auto` (bfloat16 on a CPU with the
-# instructions). tests/integration/test_precision.py tests `auto` itself.
+# instructions). tests/integration/lifecycle/test_precision.py tests `auto` itself.
 os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
 

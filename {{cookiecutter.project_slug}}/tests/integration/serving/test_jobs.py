@@ -15,9 +15,9 @@ from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_model
 from {{ cookiecutter.package_name }}.serving.batch_job import run_batch_file
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
-from ..conftest import interrupt_halfway
+from ...conftest import interrupt_halfway
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from {{ cookiecutter.package_name }}.lifecycle.finetune import (
     train_lora,
 )
 
-from .chat_templates import CHATML, jinja
+from ..chat_templates import CHATML, jinja
 
 # Like SmolLM2's: a default system turn when the chat has none.
 CHATML_WITH_DEFAULT_SYSTEM = jinja(

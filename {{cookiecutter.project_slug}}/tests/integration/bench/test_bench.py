@@ -12,7 +12,7 @@ from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_has_bf16
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.integration
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def bench(tmp_path: Path, modes: str, env: dict | None = None) -> tuple[str, list[dict]]:

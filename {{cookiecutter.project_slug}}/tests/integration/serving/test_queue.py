@@ -30,10 +30,10 @@ from {{ cookiecutter.package_name }}.serving.queue.topology import (
 )
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
-from ..conftest import interrupt_halfway
+from ...conftest import interrupt_halfway
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 class WorkerProcess:

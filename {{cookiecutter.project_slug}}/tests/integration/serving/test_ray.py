@@ -16,7 +16,7 @@ from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, load_settings
 from .test_queue import Collector, numbered
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

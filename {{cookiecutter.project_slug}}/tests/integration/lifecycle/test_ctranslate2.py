@@ -20,7 +20,7 @@ from {{ cookiecutter.package_name }}.lifecycle.quantize import (
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.integration
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

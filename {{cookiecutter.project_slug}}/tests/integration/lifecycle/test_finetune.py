@@ -12,7 +12,7 @@ from {{ cookiecutter.package_name }}.lifecycle.finetune import (
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+DATA = Path(__file__).resolve().parents[3] / "data"
 TRAIN = DATA / "finetune_sample.jsonl"
 EVAL = DATA / "finetune_eval.jsonl"
 # Held out: this wording is in the eval file, not in the training file.

@@ -8,7 +8,7 @@ from {{ cookiecutter.package_name }}.engine.prompts import GenerationParams, Pro
 from {{ cookiecutter.package_name }}.errors import ModelSourceError
 from {{ cookiecutter.package_name }}.messages import RequestError, parse_request
 
-from .chat_templates import CHATML, jinja
+from ..chat_templates import CHATML, jinja
 
 DEFAULTS = GenerationParams(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None, stop=())
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from {{ cookiecutter.package_name }}.settings import DEFAULT_QUEUE_PREFIX, ENV_PREFIX
 
 pytestmark = pytest.mark.integration
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 PACKAGE = "{{ cookiecutter.package_name }}"
 QUESTIONS = [
     {"id": "france", "prompt": "What is the capital of France?", "max_new_tokens": 24},
