@@ -1,3 +1,3 @@
-from {{ cookiecutter.package_name }}.cli import main
+from .cli import main
 
 main()

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from {{ cookiecutter.package_name }}.errors import one_line
+from .errors import one_line
 
 ENV_PREFIX = "{{ cookiecutter.package_name | upper }}_"
 DEFAULT_MODEL = {{ cookiecutter.model_id | tojson }}

@@ -22,9 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.bench.inprocess import run_in_process
-from {{ cookiecutter.package_name }}.bench.modes import ModeResult
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..bench.inprocess import run_in_process
+from ..bench.modes import ModeResult
+from ..settings import Settings
 
 MODULE = "{{ cookiecutter.package_name }}.bench.child"  # run as `python -m MODULE`
 

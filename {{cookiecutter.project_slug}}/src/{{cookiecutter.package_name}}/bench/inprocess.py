@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from {{ cookiecutter.package_name }}.bench.modes import (
+from ..bench.modes import (
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     CT2_PREFIX,
 {%- endif %}
@@ -18,17 +18,14 @@ from {{ cookiecutter.package_name }}.bench.modes import (
     ModeResult,
     bench_request,
 )
-from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..messages import Reply
+from ..settings import Settings
 
 
 def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens: int) -> ModeResult:
     """Load the engine of `mode`, warm it up, then time it serving every prompt of `prompts`."""
-    from {{ cookiecutter.package_name }}.engine.service import (
-        InferenceService,
-        serve_lines,
-    )
-    from {{ cookiecutter.package_name }}.serving.replies import read_requests
+    from ..engine.service import InferenceService, serve_lines
+    from ..serving.replies import read_requests
 
     settings = settings.model_copy(update={"temperature": 0.0})
     service = InferenceService.from_settings(settings, _backend(mode, settings))
@@ -74,7 +71,7 @@ def _serve_continuous(
 
 def _backend(mode: str, settings: Settings) -> Any:
     """The engine of a mode, loaded by the same factory as the service's."""
-    from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend
+    from ..lifecycle.loading import load_backend
 
     if mode in TRANSFORMERS_MODES:
         dtype = "bfloat16" if mode.endswith("-bf16") else "float32"

@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..settings import Settings
 
 TRANSFORMERS_MODES = ("naive", "batched", "batched-bf16", "continuous", "continuous-bf16")
 {%- if cookiecutter.worker_runtime == "ray" %}
@@ -87,10 +87,7 @@ def check_modes(modes: list[str]) -> None:
 def _is_ct2_mode(mode: str) -> bool:
     if not mode.startswith(CT2_PREFIX):
         return False
-    from {{ cookiecutter.package_name }}.lifecycle.quantize import (
-        CPU_SCHEMES,
-        CUDA_SCHEMES,
-    )
+    from ..lifecycle.quantize import CPU_SCHEMES, CUDA_SCHEMES
 
     return mode.removeprefix(CT2_PREFIX) in CPU_SCHEMES + CUDA_SCHEMES
 {%- endif %}
@@ -100,7 +97,7 @@ def engine_mode(settings: Settings) -> str:
     """The in-process mode computing like the configured engine, the one the worker serves with."""
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
-        from {{ cookiecutter.package_name }}.lifecycle.quantize import find_published
+        from ..lifecycle.quantize import find_published
 
         found = find_published(settings)
         return f"{CT2_PREFIX}{found[1] if found else settings.quantization}"
@@ -110,9 +107,9 @@ def engine_mode(settings: Settings) -> str:
 
 
 def _auto_is_bf16(settings: Settings) -> bool:
-    from {{ cookiecutter.package_name }}.engine.hf import pick_device
-    from {{ cookiecutter.package_name }}.lifecycle.precision import resolve_dtype
-    from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
+    from ..engine.hf import pick_device
+    from ..lifecycle.precision import resolve_dtype
+    from ..lifecycle.sources import resolve_for
 
     device = pick_device(settings.device).type
     return resolve_dtype(settings, resolve_for(settings), device) == "bfloat16"
@@ -131,11 +128,7 @@ def default_modes(settings: Settings) -> list[str]:
     else:
         modes.append("continuous")
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-    from {{ cookiecutter.package_name }}.lifecycle.quantize import (
-        CPU_SCHEMES,
-        CUDA_SCHEMES,
-        published_dir,
-    )
+    from ..lifecycle.quantize import CPU_SCHEMES, CUDA_SCHEMES, published_dir
 
     for scheme in dict.fromkeys(CPU_SCHEMES + CUDA_SCHEMES):
         meta = published_dir(settings, scheme) / "model_meta.json"

@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from {{ cookiecutter.package_name }}.bench.modes import WORKER_MODES, ModeResult
-from {{ cookiecutter.package_name }}.stats import percentile
+from ..bench.modes import WORKER_MODES, ModeResult
+from ..stats import percentile
 
 # A row's column and its header in the markdown table (the CSV has every column).
 TABLE_COLUMNS = {

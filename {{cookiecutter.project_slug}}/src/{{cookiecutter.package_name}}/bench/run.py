@@ -5,27 +5,12 @@ report, log its numbers and files to the run."""
 from collections.abc import Callable
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.bench.child import run_child
-from {{ cookiecutter.package_name }}.bench.modes import (
-    WORKER_MODES,
-    ModeResult,
-    check_modes,
-    default_modes,
-    engine_mode,
-)
-from {{ cookiecutter.package_name }}.bench.report import (
-    headline,
-    markdown_table,
-    memory_bandwidth_gb_s,
-    write_report,
-)
-from {{ cookiecutter.package_name }}.bench.worker_modes import run_worker_modes
-from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-    Run,
-    settings_params,
-    start_run,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..bench.child import run_child
+from ..bench.modes import WORKER_MODES, ModeResult, check_modes, default_modes, engine_mode
+from ..bench.report import headline, markdown_table, memory_bandwidth_gb_s, write_report
+from ..bench.worker_modes import run_worker_modes
+from ..lifecycle.tracking import Run, settings_params, start_run
+from ..settings import Settings
 
 Echo = Callable[[str], None]
 
@@ -49,7 +34,7 @@ def run_bench(
     saturation rate. Raises UnknownModeError (a ValueError) before anything runs if a mode is
     not one of this project's.
     """
-    from {{ cookiecutter.package_name }}.serving.replies import read_requests
+    from ..serving.replies import read_requests
 
     chosen = modes or default_modes(settings)
     check_modes(chosen)

@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.bench.modes import ModeResult, bench_request
-from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, Settings
+from ..bench.modes import ModeResult, bench_request
+from ..settings import ENV_PREFIX, Settings
 
 PACKAGE = __name__.partition(".")[0]  # the top package: `python -m PACKAGE worker`
 {%- if cookiecutter.worker_runtime == "ray" %}
@@ -38,7 +38,7 @@ def run_worker_modes(
 ) -> list[ModeResult]:
     """Closed loop, idle latency and open-loop latency of worker `mode` (`MODE`, `MODE-idle`,
     `MODE-open`), all three with the peak memory of the worker's process tree."""
-    from {{ cookiecutter.package_name }}.serving.replies import read_requests
+    from ..serving.replies import read_requests
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     requests = [bench_request(raw, max_new_tokens) for _, raw in read_requests(prompts)]
@@ -117,7 +117,7 @@ def _submit(
     arrivals: list[float] | None = None,
     note: str = "",
 ) -> ModeResult:
-    from {{ cookiecutter.package_name }}.serving.queue.client import Client
+    from ..serving.queue.client import Client
 
     client = Client.from_settings(settings, prefix, window)
     replies = []
@@ -140,7 +140,7 @@ def _submit(
 def _delete_queues(settings: Settings, prefix: str) -> None:
     import pika
 
-    from {{ cookiecutter.package_name }}.serving.queue.topology import Names, delete
+    from ..serving.queue.topology import Names, delete
 
     connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
     delete(connection.channel(), Names(prefix))

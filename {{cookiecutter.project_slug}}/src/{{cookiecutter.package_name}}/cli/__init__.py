@@ -5,20 +5,20 @@
 `main` is the console entry point: an error a user can fix is one line on stderr, exit code 2.
 """
 
-from {{ cookiecutter.package_name }}.cli import (
+from ..cli import (
     bench{% if cookiecutter.include_finetuning == "yes" %},
     finetune{% endif %},
     models,
     serve,
 )
-from {{ cookiecutter.package_name }}.cli.app import app
-from {{ cookiecutter.package_name }}.errors import ModelSourceError
-from {{ cookiecutter.package_name }}.lifecycle.tracking import TrackingError
-from {{ cookiecutter.package_name }}.messages import RequestError
-from {{ cookiecutter.package_name }}.serving.queue.client import QueueFullError
-from {{ cookiecutter.package_name }}.serving.queue.topology import TopologyError
-from {{ cookiecutter.package_name }}.serving.replies import OutputError
-from {{ cookiecutter.package_name }}.settings import SettingsError
+from ..cli.app import app
+from ..errors import ModelSourceError
+from ..lifecycle.tracking import TrackingError
+from ..messages import RequestError
+from ..serving.queue.client import QueueFullError
+from ..serving.queue.topology import TopologyError
+from ..serving.replies import OutputError
+from ..settings import SettingsError
 
 __all__ = ["app", "bench"{% if cookiecutter.include_finetuning == "yes" %}, "finetune"{% endif %}, "main", "models", "serve"]
 
@@ -44,7 +44,7 @@ def main() -> None:
 
     errors: tuple[type[Exception], ...] = USER_ERRORS
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-    from {{ cookiecutter.package_name }}.lifecycle.quantize import QualityGateError
+    from ..lifecycle.quantize import QualityGateError
 
     errors += (QualityGateError,)
 {%- endif %}

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from {{ cookiecutter.package_name }}.cli.app import app, fail
-from {{ cookiecutter.package_name }}.settings import load_settings
+from ..cli.app import app, fail
+from ..settings import load_settings
 
 
 @app.command(rich_help_panel="Benchmark")
@@ -24,8 +24,8 @@ def bench(
     out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
 ) -> None:
     """Benchmark every engine and the worker on one prompt set; ratios to the naive baseline."""
-    from {{ cookiecutter.package_name }}.bench.modes import UnknownModeError
-    from {{ cookiecutter.package_name }}.bench.run import run_bench
+    from ..bench.modes import UnknownModeError
+    from ..bench.run import run_bench
 
     settings = load_settings()
     try:

@@ -8,14 +8,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from {{ cookiecutter.package_name }}.cli.app import app, fail
-from {{ cookiecutter.package_name }}.settings import load_settings
+from ..cli.app import app, fail
+from ..settings import load_settings
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.lifecycle.finetune import (
-        FinetuneOutcome,
-        TrainResult,
-    )
+    from ..lifecycle.finetune import FinetuneOutcome, TrainResult
 
 
 @app.command(rich_help_panel="Model lifecycle")
@@ -37,10 +34,7 @@ def finetune(
     ] = True,
 ) -> None:
     """LoRA fine-tune the model; register the merged model; promote it only if it is better."""
-    from {{ cookiecutter.package_name }}.lifecycle.finetune import (
-        DatasetError,
-        run_finetune,
-    )
+    from ..lifecycle.finetune import DatasetError, run_finetune
 
     settings = load_settings(finetune_steps=steps, finetune_learning_rate=learning_rate)
     try:

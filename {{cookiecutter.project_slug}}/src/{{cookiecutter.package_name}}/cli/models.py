@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from {{ cookiecutter.package_name }}.cli.app import app, artifacts_app, fail, model_app
-from {{ cookiecutter.package_name }}.settings import load_settings
+from ..cli.app import app, artifacts_app, fail, model_app
+from ..settings import load_settings
 
 ModelOption = Annotated[str | None, typer.Option(help="Model spec; default from settings")]
 
@@ -15,7 +15,7 @@ ModelOption = Annotated[str | None, typer.Option(help="Model spec; default from 
 @model_app.command("pull")
 def model_pull(model: ModelOption = None) -> None:
     """Fetch (and for the bundled model, convert) the model into the cache; print its directory."""
-    from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
+    from ..lifecycle.sources import resolve_for
 
     typer.echo(resolve_for(load_settings(model=model)))
 
@@ -29,7 +29,7 @@ def model_register(
     no_alias: Annotated[bool, typer.Option("--no-alias", help="Register only")] = False,
 ) -> None:
     """Log the served model to MLflow, register it as a new version and point the alias at it."""
-    from {{ cookiecutter.package_name }}.lifecycle.publish import register_served
+    from ..lifecycle.publish import register_served
 
     settings = load_settings(model=model, champion_alias=alias)
     registered = register_served(settings, None if no_alias else settings.champion_alias)
@@ -46,10 +46,7 @@ def mlflow_server(
     port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
 ) -> None:
     """Run the MLflow tracking server (backend store and artifacts from settings) until Ctrl-C."""
-    from {{ cookiecutter.package_name }}.lifecycle.mlflow_server import (
-        ServerSetupError,
-        serve,
-    )
+    from ..lifecycle.mlflow_server import ServerSetupError, serve
 
     settings = load_settings(mlflow_host=host, mlflow_port=port)
     try:
@@ -65,7 +62,7 @@ def artifacts_push(
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder")],
 ) -> None:
     """Copy a model directory to a store (S3 or a folder)."""
-    from {{ cookiecutter.package_name }}.lifecycle.artifacts import push_dir
+    from ..lifecycle.artifacts import push_dir
 
     count = push_dir(directory, uri, load_settings().s3_endpoint_url)
     typer.echo(f"{count} files stored at {uri}")
@@ -77,7 +74,7 @@ def artifacts_pull(
     directory: Annotated[Path, typer.Argument(help="Where to put it (replaced whole)")],
 ) -> None:
     """Copy a stored model directory from a store (S3 or a folder)."""
-    from {{ cookiecutter.package_name }}.lifecycle.artifacts import pull_dir
+    from ..lifecycle.artifacts import pull_dir
 
     typer.echo(pull_dir(uri, directory, load_settings().s3_endpoint_url))
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
@@ -95,7 +92,7 @@ def convert(
     ] = False,
 ) -> None:
     """Convert the model to CTranslate2, gate its quality against the float model, publish it."""
-    from {{ cookiecutter.package_name }}.lifecycle.publish import convert_and_gate
+    from ..lifecycle.publish import convert_and_gate
 
     settings = load_settings(model=model, quantization=quantization)
     convert_and_gate(settings, force, every, typer.echo)

@@ -10,15 +10,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from {{ cookiecutter.package_name }}.cli.app import (
-    INTERRUPTED,
-    app,
-    fail,
-    progress,
-    sigterm_interrupts,
-)
-from {{ cookiecutter.package_name }}.serving.replies import JobInterrupted
-from {{ cookiecutter.package_name }}.settings import load_settings
+from ..cli.app import INTERRUPTED, app, fail, progress, sigterm_interrupts
+from ..serving.replies import JobInterrupted
+from ..settings import load_settings
 
 log = logging.getLogger(__name__)
 Source = Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")]
@@ -43,10 +37,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole reply as JSON")] = False,
 ) -> None:
     """Answer one prompt."""
-    from {{ cookiecutter.package_name }}.lifecycle.loading import (
-        answer_one,
-        pipeline_answer,
-    )
+    from ..lifecycle.loading import answer_one, pipeline_answer
 
     settings = load_settings(system_prompt=system)
     raw = {"id": "cli", "prompt": prompt, "max_new_tokens": max_new_tokens, "stop": stop or []}
@@ -81,7 +72,7 @@ def batch(
     Each reply is written as soon as it is known: an interrupted job is finished by running
     the same command with --resume.
     """
-    from {{ cookiecutter.package_name }}.serving.batch_job import run_job
+    from ..serving.batch_job import run_job
 {% if cookiecutter.worker_runtime == "ray" %}
     settings = load_settings(replicas=replicas)
 {%- else %}
@@ -108,13 +99,8 @@ def worker() -> None:
 {%- endif %}
     """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished;
     a second signal exits at once)."""
-    from {{ cookiecutter.package_name }}.lifecycle.loading import load_service
-    from {{ cookiecutter.package_name }}.serving.queue.worker import (
-        EXIT_FAILED,
-        Worker,
-        WorkerFailed,
-        run_tracked,
-    )
+    from ..lifecycle.loading import load_service
+    from ..serving.queue.worker import EXIT_FAILED, Worker, WorkerFailed, run_tracked
 {% if cookiecutter.worker_runtime == "ray" %}
     settings = load_settings(replicas=replicas)
 {%- else %}
@@ -124,7 +110,7 @@ def worker() -> None:
     try:
 {%- if cookiecutter.worker_runtime == "ray" %}
         if settings.replicas:
-            from {{ cookiecutter.package_name }}.serving.distributed import run_workers
+            from ..serving.distributed import run_workers
 
             for index, counters in enumerate(run_workers(settings, settings.replicas, stopping)):
                 typer.echo(f"replica {index}: {counters}")
@@ -175,7 +161,7 @@ def submit(
     Lines that are not valid requests are answered here and not sent. An interrupted run is
     finished by running the same command with --resume.
     """
-    from {{ cookiecutter.package_name }}.serving.queue.submit import submit_file
+    from ..serving.queue.submit import submit_file
 
     settings = load_settings(client_window=window, reply_timeout_s=timeout)
     try:
@@ -199,7 +185,7 @@ def dead_letters_command(
     limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first")] = 100,
 ) -> None:
     """List the refused requests in the dead-letter queue and why; --replay sends them back."""
-    from {{ cookiecutter.package_name }}.serving.queue.dead_letters import dead_letters
+    from ..serving.queue.dead_letters import dead_letters
 
     found = dead_letters(load_settings(), limit, replay)
     for letter in found:

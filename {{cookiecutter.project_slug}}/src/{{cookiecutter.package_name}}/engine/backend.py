@@ -4,8 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from {{ cookiecutter.package_name }}.engine.prompts import PreparedRequest
-from {{ cookiecutter.package_name }}.messages import FinishReason
+from ..engine.prompts import PreparedRequest
+from ..messages import FinishReason
 
 
 @dataclass(frozen=True)

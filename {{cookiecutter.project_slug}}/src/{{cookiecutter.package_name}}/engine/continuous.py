@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from {{ cookiecutter.package_name }}.engine.backend import Completion
-from {{ cookiecutter.package_name }}.engine.prompts import PreparedRequest
+from ..engine.backend import Completion
+from ..engine.prompts import PreparedRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,18 +11,11 @@ from pathlib import Path
 import ctranslate2
 import numpy as np
 
-from {{ cookiecutter.package_name }}.engine.backend import (
-    Completion,
-    cut_at_stop,
-    generate_grouped,
-)
-from {{ cookiecutter.package_name }}.engine.prompts import (
-    GenerationParams,
-    PreparedRequest,
-)
-from {{ cookiecutter.package_name }}.engine.tokenizer import ChatTokenizer
-from {{ cookiecutter.package_name }}.errors import ModelSourceError
-from {{ cookiecutter.package_name }}.settings import SettingsError
+from ..engine.backend import Completion, cut_at_stop, generate_grouped
+from ..engine.prompts import GenerationParams, PreparedRequest
+from ..engine.tokenizer import ChatTokenizer
+from ..errors import ModelSourceError
+from ..settings import SettingsError
 
 log = logging.getLogger(__name__)
 META_FILE = "model_meta.json"  # written by `convert`: source, quantization, context window, gate

@@ -13,19 +13,12 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from {{ cookiecutter.package_name }}.engine.backend import (
-    Completion,
-    cut_at_stop,
-    generate_grouped,
-)
-from {{ cookiecutter.package_name }}.engine.prompts import (
-    GenerationParams,
-    PreparedRequest,
-)
-from {{ cookiecutter.package_name }}.errors import ModelSourceError
+from ..engine.backend import Completion, cut_at_stop, generate_grouped
+from ..engine.prompts import GenerationParams, PreparedRequest
+from ..errors import ModelSourceError
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher
+    from ..engine.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_WINDOW = 2048
@@ -89,7 +82,7 @@ class TransformersBackend:
 
     def continuous(self, max_batch_size: int, max_batch_tokens: int) -> "ContinuousBatcher":
         """A scheduler whose requests join and leave the batch between decode steps."""
-        from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher
+        from ..engine.continuous import ContinuousBatcher
 
         return ContinuousBatcher(self, max_batch_size, max_batch_tokens)
 

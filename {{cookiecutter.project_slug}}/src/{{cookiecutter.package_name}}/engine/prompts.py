@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 from typing import Any
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
-from {{ cookiecutter.package_name }}.messages import Request, RequestError
+from ..errors import ModelSourceError, one_line
+from ..messages import Request, RequestError
 
 # Below this, a temperature is greedy decoding (as in vLLM): dividing logits by it would only
 # overflow.

@@ -6,26 +6,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from {{ cookiecutter.package_name }}.engine.backend import Backend, Completion
-from {{ cookiecutter.package_name }}.engine.batching import DynamicBatcher
-from {{ cookiecutter.package_name }}.engine.prompts import (
-    GenerationParams,
-    PreparedRequest,
-    PromptBuilder,
-)
-from {{ cookiecutter.package_name }}.errors import one_line
-from {{ cookiecutter.package_name }}.messages import (
-    Limits,
-    Reply,
-    RequestError,
-    Usage,
-    parse_request,
-    request_id_of,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..engine.backend import Backend, Completion
+from ..engine.batching import DynamicBatcher
+from ..engine.prompts import GenerationParams, PreparedRequest, PromptBuilder
+from ..errors import one_line
+from ..messages import Limits, Reply, RequestError, Usage, parse_request, request_id_of
+from ..settings import Settings
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher
+    from ..engine.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
-from {{ cookiecutter.package_name }}.lifecycle.cache import COMPLETE_MARKER
+from ..errors import ModelSourceError, one_line
+from ..lifecycle.cache import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
 PULL_MARKER = ".pulled-from"  # written into every folder `pull_dir` makes: only those it replaces

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
+from ..errors import ModelSourceError, one_line
 
 log = logging.getLogger(__name__)
 

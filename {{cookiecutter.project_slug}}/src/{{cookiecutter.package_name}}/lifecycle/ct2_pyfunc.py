@@ -15,13 +15,10 @@ class CTranslate2Chat(PythonModel):
     def load_context(self, context: Any) -> None:
         from pathlib import Path
 
-        from {{ cookiecutter.package_name }}.engine.ct2 import (
-            META_FILE,
-            CTranslate2Backend,
-        )
-        from {{ cookiecutter.package_name }}.engine.prompts import PromptBuilder
-        from {{ cookiecutter.package_name }}.engine.service import InferenceService
-        from {{ cookiecutter.package_name }}.messages import Reply
+        from ..engine.ct2 import META_FILE, CTranslate2Backend
+        from ..engine.prompts import PromptBuilder
+        from ..engine.service import InferenceService
+        from ..messages import Reply
 
         model_dir = Path(context.artifacts["model"])
         meta = (model_dir / META_FILE).read_text() if (model_dir / META_FILE).is_file() else "{}"
@@ -52,7 +49,7 @@ class CTranslate2Chat(PythonModel):
 def _compute_type(meta: str) -> str:
     import json
 
-    from {{ cookiecutter.package_name }}.lifecycle.quantize import ct2_types
+    from ..lifecycle.quantize import ct2_types
 
     scheme = json.loads(meta).get("quantization")
     return ct2_types(scheme)[1] if scheme else "default"

@@ -9,18 +9,12 @@ once, through the quality gate (`quantize.py`).
 
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.engine.backend import Backend
-from {{ cookiecutter.package_name }}.engine.prompts import (
-    resolve_params,
-    with_system_prompt,
-)
-from {{ cookiecutter.package_name }}.engine.service import (
-    InferenceService,
-    generation_defaults,
-)
-from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
-from {{ cookiecutter.package_name }}.messages import Reply, parse_request
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..engine.backend import Backend
+from ..engine.prompts import resolve_params, with_system_prompt
+from ..engine.service import InferenceService, generation_defaults
+from ..lifecycle.sources import resolve_for
+from ..messages import Reply, parse_request
+from ..settings import Settings
 
 
 def load_backend(settings: Settings) -> Backend:
@@ -30,12 +24,8 @@ def load_backend(settings: Settings) -> Backend:
     """
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
-        from {{ cookiecutter.package_name }}.engine.ct2 import CTranslate2Backend
-        from {{ cookiecutter.package_name }}.lifecycle.quantize import (
-            ct2_types,
-            ensure_converted,
-            registered_ct2,
-        )
+        from ..engine.ct2 import CTranslate2Backend
+        from ..lifecycle.quantize import ct2_types, ensure_converted, registered_ct2
 
         model_dir, scheme = registered_ct2(settings) or ensure_converted(settings)
         return CTranslate2Backend(
@@ -47,11 +37,8 @@ def load_backend(settings: Settings) -> Backend:
             max_batch_tokens=settings.max_batch_tokens,
         )
 {%- endif %}
-    from {{ cookiecutter.package_name }}.engine.hf import (
-        TransformersBackend,
-        pick_device,
-    )
-    from {{ cookiecutter.package_name }}.lifecycle.precision import resolve_dtype
+    from ..engine.hf import TransformersBackend, pick_device
+    from ..lifecycle.precision import resolve_dtype
 
     model_dir = resolve_for(settings)
     device = pick_device(settings.device).type
@@ -75,10 +62,7 @@ def served_model_dir(settings: Settings) -> tuple[str, Path]:
 {%- endif %}."""
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
-        from {{ cookiecutter.package_name }}.lifecycle.quantize import (
-            ensure_converted,
-            registered_ct2,
-        )
+        from ..lifecycle.quantize import ensure_converted, registered_ct2
 
         return "ctranslate2", (registered_ct2(settings) or ensure_converted(settings))[0]
 {%- endif %}
@@ -95,7 +79,7 @@ def answer_one(settings: Settings, raw: dict) -> Reply:
 def pipeline_answer(settings: Settings, raw: dict) -> str:
     """The answer of `transformers.pipeline("text-generation")` to one request: the quick path,
     a reference for the batched engines."""
-    from {{ cookiecutter.package_name }}.engine.hf import generate_with_pipeline
+    from ..engine.hf import generate_with_pipeline
 
     request = parse_request(raw)
     chat = with_system_prompt(request.chat(), settings.system_prompt)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from {{ cookiecutter.package_name }}.lifecycle.tracking import local_store
-from {{ cookiecutter.package_name }}.settings import Settings, redact_url
+from ..lifecycle.tracking import local_store
+from ..settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 

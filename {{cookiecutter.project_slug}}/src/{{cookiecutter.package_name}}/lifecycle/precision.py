@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.lifecycle.quality import (
+from ..lifecycle.quality import (
     EVAL_DIR,
     EvalSet,
     GateReport,
@@ -23,7 +23,7 @@ from {{ cookiecutter.package_name }}.lifecycle.quality import (
     evaluate,
     judge,
 )
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

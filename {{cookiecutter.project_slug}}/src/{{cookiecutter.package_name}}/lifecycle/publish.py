@@ -7,31 +7,17 @@ The `model register`{% if cookiecutter.inference_backend == "ctranslate2" %} and
 {% if cookiecutter.inference_backend == "ctranslate2" %}
 from collections.abc import Callable
 {% endif %}
-from {{ cookiecutter.package_name }}.lifecycle.loading import served_model_dir
+from ..lifecycle.loading import served_model_dir
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-from {{ cookiecutter.package_name }}.lifecycle.quality import GateReport, table
-from {{ cookiecutter.package_name }}.lifecycle.quantize import (
-    QualityGateError,
-    convert,
-    gate_device,
-    schemes_for,
-)
+from ..lifecycle.quality import GateReport, table
+from ..lifecycle.quantize import QualityGateError, convert, gate_device, schemes_for
 {%- endif %}
-from {{ cookiecutter.package_name }}.lifecycle.registry import (
-    Registered,
-    log_model,
-    register,
-    set_alias,
-)
+from ..lifecycle.registry import Registered, log_model, register, set_alias
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
+from ..lifecycle.sources import resolve_for
 {%- endif %}
-from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-    settings_params,
-    start_run,
-    tracking_uri,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
+from ..lifecycle.tracking import settings_params, start_run, tracking_uri
+from ..settings import Settings
 
 
 def register_served(settings: Settings, alias: str | None) -> Registered:

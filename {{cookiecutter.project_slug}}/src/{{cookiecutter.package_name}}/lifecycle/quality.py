@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from {{ cookiecutter.package_name }}.messages import parse_request
+from ..messages import parse_request
 
 EVAL_DIR = Path(__file__).resolve().parent / "evalset"  # shipped inside the package
 

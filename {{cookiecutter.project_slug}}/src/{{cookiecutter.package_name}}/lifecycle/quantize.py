@@ -17,19 +17,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.engine.ct2 import META_FILE
-from {{ cookiecutter.package_name }}.engine.tokenizer import TOKENIZER_FILES
-from {{ cookiecutter.package_name }}.errors import ModelSourceError
-from {{ cookiecutter.package_name }}.lifecycle.quality import (
-    EVAL_DIR,
-    EvalSet,
-    GateReport,
-    Reference,
-    Thresholds,
-    evaluate,
-)
-from {{ cookiecutter.package_name }}.lifecycle.sources import check_model, resolve_for
-from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, Settings
+from ..engine.ct2 import META_FILE
+from ..engine.tokenizer import TOKENIZER_FILES
+from ..errors import ModelSourceError
+from ..lifecycle.quality import EVAL_DIR, EvalSet, GateReport, Reference, Thresholds, evaluate
+from ..lifecycle.sources import check_model, resolve_for
+from ..settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 

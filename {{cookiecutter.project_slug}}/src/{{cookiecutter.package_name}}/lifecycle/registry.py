@@ -20,10 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
-from {{ cookiecutter.package_name }}.lifecycle.cache import COMPLETE_MARKER
-from {{ cookiecutter.package_name }}.lifecycle.tracking import Run, TrackingError
-from {{ cookiecutter.package_name }}.settings import ENV_PREFIX, redact_url
+from ..errors import ModelSourceError, one_line
+from ..lifecycle.cache import COMPLETE_MARKER
+from ..lifecycle.tracking import Run, TrackingError
+from ..settings import ENV_PREFIX, redact_url
 
 log = logging.getLogger(__name__)
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
@@ -189,10 +189,7 @@ def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-        TrackingError,
-        check_server,
-    )
+    from ..lifecycle.tracking import TrackingError, check_server
 
     name = match["name"]
     try:

@@ -11,22 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError
-from {{ cookiecutter.package_name }}.lifecycle.cache import (
-    BUNDLED,
-    bundled,
-    hub_snapshot,
-    local_dir,
-)
+from ..errors import ModelSourceError
+from ..lifecycle.cache import BUNDLED, bundled, hub_snapshot, local_dir
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.settings import Settings
+    from ..settings import Settings
 
 __all__ = ["SCHEMES", "ModelSourceError", "check_model", "resolve_for", "resolve_model"]
 
 
 def _registered(spec: str, models_dir: Path, registry_uri: str | None, _s3: str | None) -> Path:
-    from {{ cookiecutter.package_name }}.lifecycle.registry import fetch_registered
+    from ..lifecycle.registry import fetch_registered
 
     if registry_uri is None:
         raise ModelSourceError(f"model {spec!r} needs a model registry (a tracking URI)")
@@ -34,7 +29,7 @@ def _registered(spec: str, models_dir: Path, registry_uri: str | None, _s3: str 
 
 
 def _stored(spec: str, models_dir: Path, _registry: str | None, s3_endpoint: str | None) -> Path:
-    from {{ cookiecutter.package_name }}.lifecycle.artifacts import fetch_model
+    from ..lifecycle.artifacts import fetch_model
 
     return local_dir(fetch_model(spec, models_dir, s3_endpoint))
 
@@ -76,7 +71,7 @@ def resolve_model(
 
 def resolve_for(settings: "Settings") -> Path:
     """The local directory of the settings' model (see `resolve_model`)."""
-    from {{ cookiecutter.package_name }}.lifecycle.tracking import tracking_uri
+    from ..lifecycle.tracking import tracking_uri
 
     return resolve_model(
         settings.model, settings.models_dir, tracking_uri(settings), settings.s3_endpoint_url

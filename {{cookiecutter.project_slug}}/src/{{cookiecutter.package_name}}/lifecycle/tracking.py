@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from {{ cookiecutter.package_name }}.errors import one_line
-from {{ cookiecutter.package_name }}.settings import Settings, redact_url
+from ..errors import one_line
+from ..settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def end_interrupted_runs(settings: Settings, kind: str, output: Path) -> int:
 def settings_params(settings: Settings) -> dict[str, object]:
     """The settings a run's results depend on: model, batching and generation. An allow-list:
     anything that may hold a secret (broker and store URLs) is left out by construction."""
-    from {{ cookiecutter.package_name }}.lifecycle.cache import model_revision
+    from ..lifecycle.cache import model_revision
 
     params: dict[str, object] = {
         "model": settings.model,

@@ -10,25 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.engine.service import InferenceService, serve_lines
-from {{ cookiecutter.package_name }}.lifecycle.loading import load_service
-from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-    Run,
-    end_interrupted_runs,
-    output_tag,
-    settings_params,
-    start_run,
-)
-from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.serving.replies import (
-    JobInterrupted,
-    ReplyWriter,
-    plan,
-    read_requests,
-    summarize_replies,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
-from {{ cookiecutter.package_name }}.stats import Summary
+from ..engine.service import InferenceService, serve_lines
+from ..lifecycle.loading import load_service
+from ..lifecycle.tracking import Run, end_interrupted_runs, output_tag, settings_params, start_run
+from ..messages import Reply
+from ..serving.replies import JobInterrupted, ReplyWriter, plan, read_requests, summarize_replies
+from ..settings import Settings
+from ..stats import Summary
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -86,7 +74,7 @@ def _serve(
     """(new replies, seconds, batch sizes) of serving `todo` here or on Ray replicas."""
 {%- if cookiecutter.worker_runtime == "ray" %}
     if settings.replicas:
-        from {{ cookiecutter.package_name }}.serving.distributed import run_batch
+        from ..serving.distributed import run_batch
 
         new, seconds = run_batch(settings, settings.replicas, todo, on_progress, writer.write)
         return new, seconds, []

@@ -20,10 +20,10 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-from {{ cookiecutter.package_name }}.errors import one_line
-from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.serving.queue.worker import WorkerFailed
-from {{ cookiecutter.package_name }}.settings import Settings, SettingsError
+from ..errors import one_line
+from ..messages import Reply
+from ..serving.queue.worker import WorkerFailed
+from ..settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 # Ray's socket paths are its session folder plus about 70 characters; AF_UNIX allows 107.
@@ -91,8 +91,8 @@ def replica_settings(settings: Settings) -> Settings:
 @ray.remote(max_concurrency=2)  # run() serves while stop() can still be called
 class Replica:
     def __init__(self, settings: Settings, index: int) -> None:
-        from {{ cookiecutter.package_name }}.engine.service import InferenceService
-        from {{ cookiecutter.package_name }}.lifecycle.loading import load_backend
+        from ..engine.service import InferenceService
+        from ..lifecycle.loading import load_backend
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("pika").setLevel(logging.WARNING)
@@ -104,10 +104,7 @@ class Replica:
 
     def run(self) -> dict[str, int]:
         """Serve RabbitMQ until stop(); return the worker's counters."""
-        from {{ cookiecutter.package_name }}.serving.queue.worker import (
-            Worker,
-            run_tracked,
-        )
+        from ..serving.queue.worker import Worker, run_tracked
 
         self.worker = Worker(self.service, self.settings)
         return vars(run_tracked(self.worker, tags={"replica": self.index}))
@@ -118,7 +115,7 @@ class Replica:
 
     def serve(self, shard: int, lines: list[tuple[str, bytes]]) -> tuple[int, list[dict]]:
         """Replies to one shard of the batch job, in order (as dicts: they cross processes)."""
-        from {{ cookiecutter.package_name }}.engine.service import serve_lines
+        from ..engine.service import serve_lines
 
         replies = serve_lines(self.service, self.settings, lines)
         return shard, [r.model_dump() for r in replies]
@@ -161,10 +158,7 @@ def prepare_tracking(settings: Settings) -> None:
     at the same moment (two processes creating a fresh SQLite store collide)."""
     if not settings.tracking:
         return
-    from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-        client_for,
-        experiment_id,
-    )
+    from ..lifecycle.tracking import client_for, experiment_id
 
     experiment_id(client_for(settings), settings)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from {{ cookiecutter.package_name }}.messages import Reply, RequestError, request_id_of
-from {{ cookiecutter.package_name }}.stats import Summary, summarize
+from ..messages import Reply, RequestError, request_id_of
+from ..stats import Summary, summarize
 
 
 def read_requests(path: Path) -> list[tuple[str, bytes]]:

@@ -1,7 +1,7 @@
 """LoRA fine-tuning: chat data (`data`), training and merging (`train`), and the tracked job that
 registers and promotes the result (`pipeline`). The public names of all three are here."""
 
-from {{ cookiecutter.package_name }}.lifecycle.finetune.data import (
+from ...lifecycle.finetune.data import (
     IGNORE,
     ChatDataset,
     DatasetError,
@@ -14,17 +14,8 @@ from {{ cookiecutter.package_name }}.lifecycle.finetune.data import (
     read_chats,
     tokenize_chat,
 )
-from {{ cookiecutter.package_name }}.lifecycle.finetune.pipeline import (
-    FinetuneOutcome,
-    lora_params,
-    run_finetune,
-)
-from {{ cookiecutter.package_name }}.lifecycle.finetune.train import (
-    LoraParams,
-    TrainResult,
-    evaluate,
-    train_lora,
-)
+from ...lifecycle.finetune.pipeline import FinetuneOutcome, lora_params, run_finetune
+from ...lifecycle.finetune.train import LoraParams, TrainResult, evaluate, train_lora
 
 __all__ = [
     "IGNORE",

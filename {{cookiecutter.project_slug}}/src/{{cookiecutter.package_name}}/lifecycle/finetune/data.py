@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
+from ...errors import ModelSourceError, one_line
 
 log = logging.getLogger(__name__)
 

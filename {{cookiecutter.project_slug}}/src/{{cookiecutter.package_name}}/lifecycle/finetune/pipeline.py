@@ -13,26 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.lifecycle.finetune.train import (
-    LoraParams,
-    TrainResult,
-    train_lora,
-)
-from {{ cookiecutter.package_name }}.lifecycle.registry import (
-    Promotion,
-    Registered,
-    log_model,
-    promote_if_better,
-    register,
-)
-from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_for
-from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-    Run,
-    settings_params,
-    start_run,
-    tracking_uri,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
+from ...lifecycle.finetune.train import LoraParams, TrainResult, train_lora
+from ...lifecycle.registry import Promotion, Registered, log_model, promote_if_better, register
+from ...lifecycle.sources import resolve_for
+from ...lifecycle.tracking import Run, settings_params, start_run, tracking_uri
+from ...settings import Settings
 
 
 @dataclass(frozen=True)
@@ -147,7 +132,7 @@ def _tuned_model_dir(settings: Settings, merged_dir: Path) -> tuple[str, Path]:
     """(engine, directory) to register for a merged model: converted through the quality gate
     when the engine is CTranslate2 (a refused conversion raises and registers nothing)."""
     if settings.backend == "ctranslate2":
-        from {{ cookiecutter.package_name }}.lifecycle.quantize import ensure_converted
+        from ...lifecycle.quantize import ensure_converted
 
         tuned = settings.model_copy(update={"model": str(merged_dir)})
         return "ctranslate2", ensure_converted(tuned)[0]

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from {{ cookiecutter.package_name }}.errors import ModelSourceError, one_line
-from {{ cookiecutter.package_name }}.lifecycle.finetune.data import (
+from ...errors import ModelSourceError, one_line
+from ...lifecycle.finetune.data import (
     IGNORE,
     ChatDataset,
     TokenizedExample,
@@ -25,7 +25,7 @@ from {{ cookiecutter.package_name }}.lifecycle.finetune.data import (
     endless_batches,
     load_tokenizer,
 )
-from {{ cookiecutter.package_name }}.settings import SettingsError
+from ...settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def train_lora(
         if target.is_dir() and any(target.iterdir()):
             raise FileExistsError(f"{target} already has files; choose another output folder")
 
-    from {{ cookiecutter.package_name }}.engine.hf import pick_device
+    from ...engine.hf import pick_device
 
     tokenizer = load_tokenizer(model_dir)
     train_set = as_chat_dataset(train_data, tokenizer, params.max_seq_len, skip_long)

@@ -19,9 +19,9 @@ from typing import Any
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError, UnroutableError
 
-from {{ cookiecutter.package_name }}.errors import one_line
-from {{ cookiecutter.package_name }}.messages import ErrorInfo, Reply
-from {{ cookiecutter.package_name }}.serving.queue.topology import (
+from ...errors import one_line
+from ...messages import ErrorInfo, Reply
+from ...serving.queue.topology import (
     Names,
     QueueOptions,
     connection_parameters,
@@ -29,7 +29,7 @@ from {{ cookiecutter.package_name }}.serving.queue.topology import (
     declare_reply_queue,
     options_for,
 )
-from {{ cookiecutter.package_name }}.settings import Settings, redact_url
+from ...settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)

@@ -12,9 +12,9 @@ from typing import Any
 import pika
 from pika.exceptions import NackError, UnroutableError
 
-from {{ cookiecutter.package_name }}.messages import request_id_of
-from {{ cookiecutter.package_name }}.serving.queue.client import QueueFullError
-from {{ cookiecutter.package_name }}.serving.queue.topology import (
+from ...messages import request_id_of
+from ...serving.queue.client import QueueFullError
+from ...serving.queue.topology import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
     Names,
@@ -23,7 +23,7 @@ from {{ cookiecutter.package_name }}.serving.queue.topology import (
     declare,
     options_for,
 )
-from {{ cookiecutter.package_name }}.settings import Settings
+from ...settings import Settings
 
 # Headers the broker or the worker added on the way in: a replayed copy starts clean.
 DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",

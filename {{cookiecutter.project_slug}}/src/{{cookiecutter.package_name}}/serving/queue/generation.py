@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from {{ cookiecutter.package_name }}.engine.batching import DynamicBatcher
-from {{ cookiecutter.package_name }}.engine.service import InferenceService
-from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.serving.queue.session import Delivery, Session, drain
-from {{ cookiecutter.package_name }}.settings import Settings
+from ...engine.batching import DynamicBatcher
+from ...engine.service import InferenceService
+from ...messages import Reply
+from ...serving.queue.session import Delivery, Session, drain
+from ...settings import Settings
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher
+    from ...engine.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 Record = Callable[[list[Reply], int | None], None]  # replies that finished together, batch size

@@ -18,9 +18,9 @@ from typing import Any
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, NackError, UnroutableError
 
-from {{ cookiecutter.package_name }}.engine.service import Admitted
-from {{ cookiecutter.package_name }}.messages import Reply, RequestError
-from {{ cookiecutter.package_name }}.serving.queue.topology import (
+from ...engine.service import Admitted
+from ...messages import Reply, RequestError
+from ...serving.queue.topology import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
     Names,
@@ -28,7 +28,7 @@ from {{ cookiecutter.package_name }}.serving.queue.topology import (
     declare,
     options_for,
 )
-from {{ cookiecutter.package_name }}.settings import Settings
+from ...settings import Settings
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)

@@ -7,23 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from {{ cookiecutter.package_name }}.engine.service import limits_of
-from {{ cookiecutter.package_name }}.messages import (
-    Reply,
-    RequestError,
-    parse_request,
-    request_id_of,
-)
-from {{ cookiecutter.package_name }}.serving.queue.client import Client, ClientStats
-from {{ cookiecutter.package_name }}.serving.replies import (
-    JobInterrupted,
-    Plan,
-    ReplyWriter,
-    plan,
-    read_requests,
-)
-from {{ cookiecutter.package_name }}.settings import Settings
-from {{ cookiecutter.package_name }}.stats import Summary, summarize
+from ...engine.service import limits_of
+from ...messages import Reply, RequestError, parse_request, request_id_of
+from ...serving.queue.client import Client, ClientStats
+from ...serving.replies import JobInterrupted, Plan, ReplyWriter, plan, read_requests
+from ...settings import Settings
+from ...stats import Summary, summarize
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pika
 from pika.exceptions import ChannelClosedByBroker
 
 if TYPE_CHECKING:
-    from {{ cookiecutter.package_name }}.settings import Settings
+    from ...settings import Settings
 
 REPLY_QUEUE_EXPIRES_MS = 15 * 60 * 1000  # an abandoned client's reply queue goes away
 # Headers of a dead-lettered message: why it was refused, set by the worker.

@@ -19,11 +19,11 @@ import time
 
 import pika
 
-from {{ cookiecutter.package_name }}.engine.service import Admitted, InferenceService
-from {{ cookiecutter.package_name }}.errors import one_line
-from {{ cookiecutter.package_name }}.messages import Reply
-from {{ cookiecutter.package_name }}.serving.queue.generation import Generation
-from {{ cookiecutter.package_name }}.serving.queue.session import (
+from ...engine.service import Admitted, InferenceService
+from ...errors import one_line
+from ...messages import Reply
+from ...serving.queue.generation import Generation
+from ...serving.queue.session import (
     CONNECTION_ERRORS,
     PRIOR_DELIVERIES_HEADER,  # noqa: F401 - importable from here too
     ConsumerCancelled,
@@ -32,12 +32,9 @@ from {{ cookiecutter.package_name }}.serving.queue.session import (
     Session,
     close_connection,
 )
-from {{ cookiecutter.package_name }}.serving.queue.topology import (
-    Names,
-    connection_parameters,
-)
-from {{ cookiecutter.package_name }}.settings import Settings, redact_url
-from {{ cookiecutter.package_name }}.stats import Summary, summarize
+from ...serving.queue.topology import Names, connection_parameters
+from ...settings import Settings, redact_url
+from ...stats import Summary, summarize
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 3  # the worker's exit status when it stops because a part of it died
@@ -194,10 +191,7 @@ def run_tracked(worker: Worker, tags: dict[str, object] | None = None) -> Counte
     Its metrics are logged every `worker_metrics_every_s` (and once at the end) by a thread of
     their own, so a slow tracking server never delays an ack; a failed report is a warning.
     """
-    from {{ cookiecutter.package_name }}.lifecycle.tracking import (
-        settings_params,
-        start_run,
-    )
+    from ...lifecycle.tracking import settings_params, start_run
 
     settings = worker.settings
     with start_run(settings, "worker", settings_params(settings)) as run:
