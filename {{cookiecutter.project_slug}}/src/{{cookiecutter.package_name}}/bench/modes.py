@@ -1,31 +1,33 @@
-"""The benchmark's modes: their names, which ones this project offers, and what one measures.
+"""The benchmark's modes: their names, which ones this project has, and how each measures.
 
 Every mode serves the same prompts greedily with a fixed `max_new_tokens`, after a warm-up, and
-counts only generated tokens. Modes:
-
-- `naive`: transformers in float32, one request at a time: the baseline of every ratio.
-- `batched`: the same float32 model with the dynamic batcher, all requests at once (closed loop).
-- `batched-bf16`: the same in bfloat16, where `dtype=auto` would choose it (a CPU with bfloat16
-  instructions whose gate passed, or CUDA).
-- `continuous`, `continuous-bf16`: the same models with continuous batching (requests join and
-  leave the running batch between decode steps), as the worker serves on transformers.
+counts only generated tokens (docs/benchmarks.md says what each one measures): `naive` is
+transformers in float32, one request at a time, the baseline of every ratio; `batched` adds the
+dynamic batcher, `continuous` continuous batching, `-bf16` bfloat16 where `auto` would pick it;
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-- `ct2-<scheme>`: CTranslate2 with each published scheme that passed the quality gate.
+`ct2-<scheme>` is CTranslate2 with a scheme published as passing the quality gate;
 {%- endif %}
-- `worker`: end to end through RabbitMQ and one worker process (closed loop), then its latency
-  when idle (one request at a time) and under an open-loop Poisson load at a fraction of the
-  saturation rate it just measured; it serves with the configured engine, so its throughput is
-  compared with the in-process mode of that engine.
-{%- if cookiecutter.worker_runtime == "ray" %}
-- `worker-ray`: the same through `worker --replicas 2`.
-{%- endif %}
-"""
+the worker modes go end to end through RabbitMQ and a worker process. The in-process modes run
+here (`run_in_process`), each in a child process of its own (`bench.child`)."""
 
+import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
-from ..settings import Settings
+from ..messages import Reply
+from ..settings import ENV_PREFIX, Settings, SettingsError
 
 TRANSFORMERS_MODES = ("naive", "batched", "batched-bf16", "continuous", "continuous-bf16")
 {%- if cookiecutter.worker_runtime == "ray" %}
@@ -36,9 +38,13 @@ WORKER_MODES = ("worker",)
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
 CT2_PREFIX = "ct2-"  # + a CTranslate2 compute type (scheme)
 {%- endif %}
+PACKAGE = __name__.partition(".")[0]  # the top package: `python -m PACKAGE worker`
+{%- if cookiecutter.worker_runtime == "ray" %}
+RAY_REPLICAS = 2  # of `worker-ray`
+{%- endif %}
 
 
-class UnknownModeError(ValueError):
+class UnknownModeError(SettingsError):
     """A mode this project does not have; the message lists the ones it has."""
 
 
@@ -55,6 +61,15 @@ class ModeResult:
     errors: int = 0
     note: str = ""
 
+    @classmethod
+    def of(
+        cls, mode: str, replies: list[Reply], seconds: float, latencies: list[float], note: str = ""
+    ) -> "ModeResult":
+        """`replies`, served in `seconds`: an error reply counts as an error, with no tokens."""
+        served = [r for r in replies if r.error is None]
+        tokens, errors = sum(r.usage.completion_tokens for r in served), len(replies) - len(served)
+        return cls(mode, len(replies), seconds, tokens, latencies, 0.0, errors, note)
+
     @property
     def inputs_per_s(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else math.nan
@@ -64,9 +79,10 @@ class ModeResult:
         return self.completion_tokens / self.seconds if self.seconds > 0 else math.nan
 
 
-def bench_request(raw: bytes, max_new_tokens: int) -> dict:
+def bench_request(raw: bytes, max_new_tokens: int) -> bytes:
     """A request line as every mode sends it: greedy, with the benchmark's `max_new_tokens`."""
-    return json.loads(raw) | {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    request = json.loads(raw) | {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    return json.dumps(request).encode()
 
 
 def check_modes(modes: list[str]) -> None:
@@ -116,17 +132,12 @@ def _auto_is_bf16(settings: Settings) -> bool:
 
 
 def default_modes(settings: Settings) -> list[str]:
-    """The modes run by default: naive, batched, then batched-bf16 and continuous-bf16 where
-    `auto` would pick bfloat16 (else continuous),
-{%- if cookiecutter.inference_backend == "ctranslate2" %}
-    every CTranslate2 scheme published as passing the gate,
-{%- endif %}
-    and the worker(s)."""
-    modes = ["naive", "batched"]
+    """The modes of a `bench` without `--modes`: the bfloat16 ones where `dtype=auto` picks
+    bfloat16 (else `continuous`){% if cookiecutter.inference_backend == "ctranslate2" %}, CTranslate2 with each scheme published as passing the gate{% endif %}."""
     if _auto_is_bf16(settings.model_copy(update={"dtype": "auto"})):
-        modes += ["batched-bf16", "continuous-bf16"]
+        modes = ["naive", "batched", "batched-bf16", "continuous-bf16"]
     else:
-        modes.append("continuous")
+        modes = ["naive", "batched", "continuous"]
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     from ..lifecycle.quantize import CPU_SCHEMES, CUDA_SCHEMES, published_dir
 
@@ -136,3 +147,164 @@ def default_modes(settings: Settings) -> list[str]:
             modes.append(f"{CT2_PREFIX}{scheme}")
 {%- endif %}
     return modes + list(WORKER_MODES)
+
+
+def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens: int) -> ModeResult:
+    """Load the engine of `mode`, warm it up, then time it serving every prompt of `prompts`;
+    its peak memory is this process's, so run it only in a child process of its own."""
+    from ..engine.service import InferenceService, serve_lines
+    from ..lifecycle.loading import load_backend
+    from ..serving.replies import read_requests
+{% if cookiecutter.inference_backend == "ctranslate2" %}
+    engine = {"backend": "transformers", "dtype": "bfloat16" if "-bf16" in mode else "float32"}
+    if mode.startswith(CT2_PREFIX):
+        engine = {"backend": "ctranslate2", "quantization": mode.removeprefix(CT2_PREFIX)}
+    elif mode not in TRANSFORMERS_MODES:
+{%- else %}
+    engine = {"dtype": "bfloat16" if mode.endswith("-bf16") else "float32"}
+    if mode not in TRANSFORMERS_MODES:
+{%- endif %}
+        raise ValueError(f"unknown bench mode {mode!r}")
+    settings = settings.model_copy(update={"temperature": 0.0})
+    backend = load_backend(settings.model_copy(update=engine))
+    service = InferenceService.from_settings(settings, backend)
+    lines = [(i, bench_request(raw, max_new_tokens)) for i, raw in read_requests(prompts)]
+    serve = _serve_continuous if mode.startswith("continuous") else serve_lines
+    serve(service, settings, lines[:2])  # warm-up, not timed
+    started = time.perf_counter()
+    if mode == "naive":
+        replies = []
+        for fallback_id, raw in lines:
+            one_started = time.perf_counter()
+            reply = serve_lines(service, settings, [(fallback_id, raw)])[0]
+            reply.latency_ms = (time.perf_counter() - one_started) * 1000.0
+            replies.append(reply)
+    else:
+        replies = serve(service, settings, lines)
+    seconds = time.perf_counter() - started
+    latencies = [r.latency_ms for r in replies if r.error is None]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return replace(ModeResult.of(mode, replies, seconds, latencies), peak_rss_mib=peak)
+
+
+def _serve_continuous(service: Any, settings: Settings, lines: list[tuple[str, bytes]]) -> list:
+    """Replies to `lines` in order, every valid one through one continuous batcher."""
+    batcher = service.continuous(settings.model_copy(update={"scheduling": "continuous"}))
+    admitted = [service.admit(raw, fallback_id) for fallback_id, raw in lines]
+    valid = [a for a in admitted if not isinstance(a, Reply)]
+    served = iter(service.run_continuous(batcher, valid))
+    return [a if isinstance(a, Reply) else next(served) for a in admitted]
+
+
+def run_worker(
+    settings: Settings, mode: str, prompts: Path, max_new_tokens: int, load_fraction: float
+) -> list[ModeResult]:
+    """Worker `mode` on queues of its own (deleted afterwards): closed loop (`MODE`), one request
+    at a time (`MODE-idle`), Poisson arrivals at `load_fraction` of the closed loop's rate
+    (`MODE-open`), all three with the peak memory of the worker's process tree."""
+    import pika
+
+    from ..serving.queue.topology import Names, delete
+    from ..serving.replies import read_requests
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    lines = read_requests(prompts)  # (fallback id, line): as the in-process modes' ids
+    requests = [{"id": i} | json.loads(bench_request(raw, max_new_tokens)) for i, raw in lines]
+{%- if cookiecutter.worker_runtime == "ray" %}
+    worker = _start_worker(prefix, RAY_REPLICAS if mode == "worker-ray" else 0)
+{%- else %}
+    worker = _start_worker(prefix)
+{%- endif %}
+    try:
+        _submit(settings, prefix, _renamed(requests[:2], "warm"))
+        closed = _submit(settings, prefix, requests, mode, "closed loop")
+        closed.peak_rss_mib = _tree_peak_rss_mib(worker.pid)
+        idle_requests = _renamed(requests[:8], "idle")  # one at a time: the idle latency
+        idle = _submit(settings, prefix, idle_requests, f"{mode}-idle", "idle", window=1)
+        rate = load_fraction * closed.inputs_per_s
+        rng = random.Random(0)
+        due, t = [], 0.0  # the arrival times
+        for _ in requests:
+            due.append(t)
+            t += rng.expovariate(rate)
+        note = f"open loop, Poisson {rate:.2f}/s = {load_fraction:.0%} of saturation"
+        loaded = _submit(settings, prefix, _renamed(requests, "open"), f"{mode}-open", note, due)
+        idle.peak_rss_mib = loaded.peak_rss_mib = closed.peak_rss_mib
+        return [closed, idle, loaded]
+    finally:
+        worker.terminate()  # SIGTERM: it finishes the batch in hand, then exits
+        try:
+            worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        with pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url)) as connection:
+            delete(connection.channel(), Names(prefix))  # the queues of this run
+
+
+def _renamed(requests: list[dict], tag: str) -> list[dict]:
+    return [{**r, "id": f"{tag}-{r['id']}"} for r in requests]
+
+{% if cookiecutter.worker_runtime == "ray" %}
+def _start_worker(prefix: str, replicas: int) -> subprocess.Popen:
+    """Start a worker (with `replicas` Ray replicas, if any) on the queues of `prefix`; return
+    once it consumes."""
+{%- else %}
+def _start_worker(prefix: str) -> subprocess.Popen:
+    """Start a worker on the queues of `prefix`; return once it consumes."""
+{%- endif %}
+    env = os.environ | {f"{ENV_PREFIX}QUEUE_PREFIX": prefix, f"{ENV_PREFIX}TEMPERATURE": "0"}
+    env[f"{ENV_PREFIX}TRACKING"] = "false"  # the bench run is the one tracked
+    command = [sys.executable, "-m", PACKAGE, "worker"]
+{%- if cookiecutter.worker_runtime == "ray" %}
+    if replicas:
+        command += ["--replicas", str(replicas)]
+{%- endif %}
+    with tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False) as log:
+        worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600.0  # to load the model
+{%- if cookiecutter.worker_runtime == "ray" %}
+    while Path(log.name).read_text(errors="replace").count("consuming") < max(1, replicas):
+{%- else %}
+    while "consuming" not in Path(log.name).read_text(errors="replace"):
+{%- endif %}
+        if worker.poll() is not None or time.monotonic() > deadline:
+            worker.kill()
+            raise RuntimeError(f"the worker did not start; see {log.name}")
+        time.sleep(0.2)
+    return worker
+
+
+def _submit(
+    settings: Settings,
+    prefix: str,
+    requests: list[dict],
+    mode: str = "",
+    note: str = "",
+    arrivals: list[float] | None = None,
+    window: int | None = None,
+) -> ModeResult:
+    """`requests` sent through the queues of `prefix` and timed, as `mode`."""
+    from ..serving.queue.client import Client
+
+    client = Client.from_settings(settings, prefix, window)
+    replies: list[Reply] = []
+    started = time.perf_counter()
+    stats = client.submit(requests, replies.append, arrivals=arrivals)
+    return ModeResult.of(mode, replies, time.perf_counter() - started, stats.latencies_ms, note)
+
+
+def _tree_peak_rss_mib(root: int) -> float:
+    """Sum of the peak resident memory (VmHWM) of a process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # the process has exited
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    total_kib, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):
+            found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+            total_kib += int(found.group(1)) if found else 0
+    return total_kib / 1024

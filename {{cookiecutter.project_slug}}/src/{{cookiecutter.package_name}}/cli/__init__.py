@@ -11,7 +11,6 @@ from ..cli import (
     models,
     serve,
 )
-from ..cli.app import app
 from ..errors import ModelSourceError
 from ..lifecycle.tracking import TrackingError
 from ..messages import RequestError
@@ -19,6 +18,7 @@ from ..serving.queue.client import QueueFullError
 from ..serving.queue.topology import TopologyError
 from ..serving.replies import OutputError
 from ..settings import SettingsError
+from .app import app
 
 __all__ = ["app", "bench"{% if cookiecutter.include_finetuning == "yes" %}, "finetune"{% endif %}, "main", "models", "serve"]
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli.app import app, fail
+from ..cli.app import app
 from ..settings import load_settings
 
 
@@ -24,20 +24,7 @@ def bench(
     out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
 ) -> None:
     """Benchmark every engine and the worker on one prompt set; ratios to the naive baseline."""
-    from ..bench.modes import UnknownModeError
     from ..bench.run import run_bench
 
-    settings = load_settings()
-    try:
-        run_bench(
-            settings,
-            prompts=prompts,
-            max_new_tokens=max_new_tokens,
-            modes=modes.split(",") if modes else None,
-            load=load,
-            out=out,
-            echo=typer.echo,
-            status=lambda line: typer.echo(line, err=True),
-        )
-    except UnknownModeError as exc:
-        fail(str(exc))
+    chosen = modes.split(",") if modes else None  # an unknown one: a SettingsError, one line
+    run_bench(load_settings(), prompts, max_new_tokens, chosen, load, out, typer.echo)

@@ -1,18 +1,12 @@
-"""The `finetune` command: LoRA fine-tune the model, register the result, promote it if better.
-
-The job itself is `lifecycle.finetune.pipeline.run_finetune`; this module parses and prints.
-"""
+"""The `finetune` command: LoRA fine-tune the model, register the result, promote it if better."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from ..cli.app import app, fail
 from ..settings import load_settings
-
-if TYPE_CHECKING:
-    from ..lifecycle.finetune import FinetuneOutcome, TrainResult
+from .app import app, fail
 
 
 @app.command(rich_help_panel="Model lifecycle")
@@ -34,40 +28,11 @@ def finetune(
     ] = True,
 ) -> None:
     """LoRA fine-tune the model; register the merged model; promote it only if it is better."""
-    from ..lifecycle.finetune import DatasetError, run_finetune
+    from ..lifecycle.finetune.data import DatasetError
+    from ..lifecycle.finetune.pipeline import run_finetune
 
     settings = load_settings(finetune_steps=steps, finetune_learning_rate=learning_rate)
     try:
-        outcome = run_finetune(
-            settings,
-            data,
-            eval_data,
-            out,
-            skip_long=skip_long,
-            register_model=register_model,
-            on_trained=lambda result: typer.echo(_trained(result)),
-        )
+        run_finetune(settings, data, eval_data, out, skip_long, register_model, typer.echo)
     except DatasetError as exc:  # bad data: one line (the run has ended FAILED)
         fail(str(exc))
-    _echo_promotion(outcome)
-
-
-def _trained(result: "TrainResult") -> str:
-    return (
-        f"eval loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} after "
-        f"{result.steps} steps ({result.seconds_per_step:.2f} s/step); adapter and merged "
-        f"model in {result.adapter_dir.parent}"
-    )
-
-
-def _echo_promotion(outcome: "FinetuneOutcome") -> None:
-    """What was registered and whether it became the champion; nothing if nothing was."""
-    registered, promotion, champion = outcome.registered, outcome.promotion, outcome.champion
-    if registered is None or promotion is None:
-        return
-    losses = f"eval loss {outcome.result.eval_loss_after:.4f} against {promotion.baseline_loss:.4f}"
-    if promotion.promoted:
-        verdict = f"promoted to {champion} ({losses} of {promotion.baseline})"
-    else:
-        verdict = f"not promoted, {champion} is unchanged ({losses} of {promotion.baseline})"
-    typer.echo(f"registered {registered.model_uri}, {verdict}")

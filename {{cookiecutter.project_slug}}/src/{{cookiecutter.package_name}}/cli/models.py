@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..cli.app import app, artifacts_app, fail, model_app
 from ..settings import load_settings
+from .app import app, artifacts_app, fail, model_app
 
 ModelOption = Annotated[str | None, typer.Option(help="Model spec; default from settings")]
 

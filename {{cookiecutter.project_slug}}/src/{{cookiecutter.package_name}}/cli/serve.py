@@ -10,9 +10,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from ..cli.app import INTERRUPTED, app, fail, progress, sigterm_interrupts
 from ..serving.replies import JobInterrupted
 from ..settings import load_settings
+from .app import INTERRUPTED, app, fail, progress, sigterm_interrupts
 
 log = logging.getLogger(__name__)
 Source = Annotated[Path, typer.Argument(help="JSONL of requests (id, prompt or messages, ...)")]

@@ -4,8 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..engine.prompts import PreparedRequest
 from ..messages import FinishReason
+from .prompts import PreparedRequest
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..engine.backend import Completion
-from ..engine.prompts import PreparedRequest
+from .backend import Completion
+from .prompts import PreparedRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -11,11 +11,11 @@ from pathlib import Path
 import ctranslate2
 import numpy as np
 
-from ..engine.backend import Completion, cut_at_stop, generate_grouped
-from ..engine.prompts import GenerationParams, PreparedRequest
-from ..engine.tokenizer import ChatTokenizer
 from ..errors import ModelSourceError
 from ..settings import SettingsError
+from .backend import Completion, cut_at_stop, generate_grouped
+from .prompts import GenerationParams, PreparedRequest
+from .tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 META_FILE = "model_meta.json"  # written by `convert`: source, quantization, context window, gate

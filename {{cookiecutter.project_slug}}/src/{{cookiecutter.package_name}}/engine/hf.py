@@ -13,12 +13,12 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from ..engine.backend import Completion, cut_at_stop, generate_grouped
-from ..engine.prompts import GenerationParams, PreparedRequest
 from ..errors import ModelSourceError
+from .backend import Completion, cut_at_stop, generate_grouped
+from .prompts import GenerationParams, PreparedRequest
 
 if TYPE_CHECKING:
-    from ..engine.continuous import ContinuousBatcher
+    from .continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT_WINDOW = 2048
@@ -82,7 +82,7 @@ class TransformersBackend:
 
     def continuous(self, max_batch_size: int, max_batch_tokens: int) -> "ContinuousBatcher":
         """A scheduler whose requests join and leave the batch between decode steps."""
-        from ..engine.continuous import ContinuousBatcher
+        from .continuous import ContinuousBatcher
 
         return ContinuousBatcher(self, max_batch_size, max_batch_tokens)
 

@@ -6,15 +6,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..engine.backend import Backend, Completion
-from ..engine.batching import DynamicBatcher
-from ..engine.prompts import GenerationParams, PreparedRequest, PromptBuilder
 from ..errors import one_line
 from ..messages import Limits, Reply, RequestError, Usage, parse_request, request_id_of
 from ..settings import Settings
+from .backend import Backend, Completion
+from .batching import DynamicBatcher
+from .prompts import GenerationParams, PreparedRequest, PromptBuilder
 
 if TYPE_CHECKING:
-    from ..engine.continuous import ContinuousBatcher
+    from .continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ModelSourceError, one_line
-from ..lifecycle.cache import COMPLETE_MARKER
+from .cache import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
 PULL_MARKER = ".pulled-from"  # written into every folder `pull_dir` makes: only those it replaces

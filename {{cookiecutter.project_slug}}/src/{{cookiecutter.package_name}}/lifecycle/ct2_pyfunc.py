@@ -49,7 +49,7 @@ class CTranslate2Chat(PythonModel):
 def _compute_type(meta: str) -> str:
     import json
 
-    from ..lifecycle.quantize import ct2_types
+    from .quantize import ct2_types
 
     scheme = json.loads(meta).get("quantization")
     return ct2_types(scheme)[1] if scheme else "default"

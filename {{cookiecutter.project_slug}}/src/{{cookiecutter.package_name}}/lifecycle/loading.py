@@ -12,9 +12,9 @@ from pathlib import Path
 from ..engine.backend import Backend
 from ..engine.prompts import resolve_params, with_system_prompt
 from ..engine.service import InferenceService, generation_defaults
-from ..lifecycle.sources import resolve_for
 from ..messages import Reply, parse_request
 from ..settings import Settings
+from .sources import resolve_for
 
 
 def load_backend(settings: Settings) -> Backend:
@@ -25,7 +25,7 @@ def load_backend(settings: Settings) -> Backend:
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
         from ..engine.ct2 import CTranslate2Backend
-        from ..lifecycle.quantize import ct2_types, ensure_converted, registered_ct2
+        from .quantize import ct2_types, ensure_converted, registered_ct2
 
         model_dir, scheme = registered_ct2(settings) or ensure_converted(settings)
         return CTranslate2Backend(
@@ -38,7 +38,7 @@ def load_backend(settings: Settings) -> Backend:
         )
 {%- endif %}
     from ..engine.hf import TransformersBackend, pick_device
-    from ..lifecycle.precision import resolve_dtype
+    from .precision import resolve_dtype
 
     model_dir = resolve_for(settings)
     device = pick_device(settings.device).type
@@ -62,7 +62,7 @@ def served_model_dir(settings: Settings) -> tuple[str, Path]:
 {%- endif %}."""
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     if settings.backend == "ctranslate2":
-        from ..lifecycle.quantize import ensure_converted, registered_ct2
+        from .quantize import ensure_converted, registered_ct2
 
         return "ctranslate2", (registered_ct2(settings) or ensure_converted(settings))[0]
 {%- endif %}

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..lifecycle.tracking import local_store
 from ..settings import Settings, redact_url
+from .tracking import local_store
 
 log = logging.getLogger(__name__)
 

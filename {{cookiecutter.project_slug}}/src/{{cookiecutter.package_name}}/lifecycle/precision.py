@@ -13,7 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..lifecycle.quality import (
+from ..settings import Settings
+from .quality import (
     EVAL_DIR,
     EvalSet,
     GateReport,
@@ -23,7 +24,6 @@ from ..lifecycle.quality import (
     evaluate,
     judge,
 )
-from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,17 @@ The `model register`{% if cookiecutter.inference_backend == "ctranslate2" %} and
 {% if cookiecutter.inference_backend == "ctranslate2" %}
 from collections.abc import Callable
 {% endif %}
-from ..lifecycle.loading import served_model_dir
-{%- if cookiecutter.inference_backend == "ctranslate2" %}
-from ..lifecycle.quality import GateReport, table
-from ..lifecycle.quantize import QualityGateError, convert, gate_device, schemes_for
-{%- endif %}
-from ..lifecycle.registry import Registered, log_model, register, set_alias
-{%- if cookiecutter.inference_backend == "ctranslate2" %}
-from ..lifecycle.sources import resolve_for
-{%- endif %}
-from ..lifecycle.tracking import settings_params, start_run, tracking_uri
 from ..settings import Settings
+from .loading import served_model_dir
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+from .quality import GateReport, table
+from .quantize import QualityGateError, convert, gate_device, schemes_for
+{%- endif %}
+from .registry import Registered, log_model, register, set_alias
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+from .sources import resolve_for
+{%- endif %}
+from .tracking import settings_params, start_run, tracking_uri
 
 
 def register_served(settings: Settings, alias: str | None) -> Registered:

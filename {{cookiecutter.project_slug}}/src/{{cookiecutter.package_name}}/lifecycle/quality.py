@@ -281,6 +281,7 @@ class TorchEngine:
         rows = out[:, padded["input_ids"].shape[1] :].tolist()
         answers = [row[: row.index(eos)] if eos in row else row for row in rows]
         return [SimpleNamespace(sequences_ids=[answer]) for answer in answers]
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
 
 
 def table(reports: list[GateReport]) -> str:
@@ -296,6 +297,7 @@ def table(reports: list[GateReport]) -> str:
             f"{r.exact_match:.0%} | {r.facts} | {r.tokens_per_s:.0f} | {verdict} |"
         )
     return "\n".join(lines)
+{%- endif %}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

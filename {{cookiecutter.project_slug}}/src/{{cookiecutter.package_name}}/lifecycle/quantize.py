@@ -20,9 +20,9 @@ from pathlib import Path
 from ..engine.ct2 import META_FILE
 from ..engine.tokenizer import TOKENIZER_FILES
 from ..errors import ModelSourceError
-from ..lifecycle.quality import EVAL_DIR, EvalSet, GateReport, Reference, Thresholds, evaluate
-from ..lifecycle.sources import check_model, resolve_for
 from ..settings import ENV_PREFIX, Settings
+from .quality import EVAL_DIR, EvalSet, GateReport, Reference, Thresholds, evaluate
+from .sources import check_model, resolve_for
 
 log = logging.getLogger(__name__)
 

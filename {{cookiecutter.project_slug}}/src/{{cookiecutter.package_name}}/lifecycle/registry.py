@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelSourceError, one_line
-from ..lifecycle.cache import COMPLETE_MARKER
-from ..lifecycle.tracking import Run, TrackingError
 from ..settings import ENV_PREFIX, redact_url
+from .cache import COMPLETE_MARKER
+from .tracking import Run, TrackingError
 
 log = logging.getLogger(__name__)
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
@@ -189,7 +189,7 @@ def fetch_registered(spec: str, models_dir: Path, tracking_uri: str) -> Path:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ..lifecycle.tracking import TrackingError, check_server
+    from .tracking import TrackingError, check_server
 
     name = match["name"]
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ModelSourceError
-from ..lifecycle.cache import BUNDLED, bundled, hub_snapshot, local_dir
+from .cache import BUNDLED, bundled, hub_snapshot, local_dir
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -21,7 +21,7 @@ __all__ = ["SCHEMES", "ModelSourceError", "check_model", "resolve_for", "resolve
 
 
 def _registered(spec: str, models_dir: Path, registry_uri: str | None, _s3: str | None) -> Path:
-    from ..lifecycle.registry import fetch_registered
+    from .registry import fetch_registered
 
     if registry_uri is None:
         raise ModelSourceError(f"model {spec!r} needs a model registry (a tracking URI)")
@@ -29,7 +29,7 @@ def _registered(spec: str, models_dir: Path, registry_uri: str | None, _s3: str 
 
 
 def _stored(spec: str, models_dir: Path, _registry: str | None, s3_endpoint: str | None) -> Path:
-    from ..lifecycle.artifacts import fetch_model
+    from .artifacts import fetch_model
 
     return local_dir(fetch_model(spec, models_dir, s3_endpoint))
 
@@ -71,7 +71,7 @@ def resolve_model(
 
 def resolve_for(settings: "Settings") -> Path:
     """The local directory of the settings' model (see `resolve_model`)."""
-    from ..lifecycle.tracking import tracking_uri
+    from .tracking import tracking_uri
 
     return resolve_model(
         settings.model, settings.models_dir, tracking_uri(settings), settings.s3_endpoint_url

@@ -64,23 +64,28 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 class Run:
-    """An open MLflow run. NaN metrics are skipped (MLflow would store them as NaN)."""
+    """An open MLflow run; without a client (tracking off) one that logs nothing. NaN metrics
+    are skipped (MLflow would store them as NaN)."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any = None, run_id: str = "") -> None:
         self.client = client
         self.run_id = run_id
 
     def where(self) -> str:
-        """The suffix "; tracked as MLflow run <id>" for a job's last line."""
-        return f"; tracked as MLflow run {self.run_id}"
+        """The suffix "; tracked as MLflow run <id>" for a job's last line ("" untracked)."""
+        return f"; tracked as MLflow run {self.run_id}" if self.client else ""
 
     def log_params(self, params: Mapping[str, object]) -> None:
+        if not self.client:
+            return
         from mlflow.entities import Param
 
         values = [Param(k, str(v)[:6000]) for k, v in params.items() if v is not None]
         self.client.log_batch(self.run_id, params=values)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.client:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -93,36 +98,16 @@ class Run:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory's contents under `artifact_path`."""
+        if not self.client:
+            return
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        for key, value in tags.items():
+        for key, value in tags.items() if self.client else ():
             self.client.set_tag(self.run_id, key, str(value))
-
-
-class _NoRun(Run):
-    """What jobs log to when tracking is off: nothing."""
-
-    def __init__(self) -> None:
-        super().__init__(None, "")
-
-    def where(self) -> str:
-        return ""
-
-    def log_params(self, params: Mapping[str, object]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        pass
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, object]) -> None:
-        pass
 
 
 def client_for(settings: Settings) -> Any:
@@ -159,7 +144,7 @@ def start_run(
     logs nothing. Raises TrackingError when the tracking server is unreachable.
     """
     if not settings.tracking:
-        yield _NoRun()
+        yield Run()
         return
     from mlflow.exceptions import MlflowException
 
@@ -219,7 +204,7 @@ def end_interrupted_runs(settings: Settings, kind: str, output: Path) -> int:
 def settings_params(settings: Settings) -> dict[str, object]:
     """The settings a run's results depend on: model, batching and generation. An allow-list:
     anything that may hold a secret (broker and store URLs) is left out by construction."""
-    from ..lifecycle.cache import model_revision
+    from .cache import model_revision
 
     params: dict[str, object] = {
         "model": settings.model,

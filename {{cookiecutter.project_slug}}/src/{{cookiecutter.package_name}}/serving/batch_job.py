@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.service import InferenceService, serve_lines
+from ..engine.service import serve_lines
 from ..lifecycle.loading import load_service
 from ..lifecycle.tracking import Run, end_interrupted_runs, output_tag, settings_params, start_run
 from ..messages import Reply
-from ..serving.replies import JobInterrupted, ReplyWriter, plan, read_requests, summarize_replies
 from ..settings import Settings
 from ..stats import Summary
+from .replies import JobInterrupted, ReplyWriter, plan, read_requests, summarize_replies
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -74,7 +74,7 @@ def _serve(
     """(new replies, seconds, batch sizes) of serving `todo` here or on Ray replicas."""
 {%- if cookiecutter.worker_runtime == "ray" %}
     if settings.replicas:
-        from ..serving.distributed import run_batch
+        from .distributed import run_batch
 
         new, seconds = run_batch(settings, settings.replicas, todo, on_progress, writer.write)
         return new, seconds, []
@@ -85,32 +85,3 @@ def _serve(
     started = time.perf_counter()
     new = serve_lines(service, settings, todo, on_progress, sizes, writer.write)
     return new, time.perf_counter() - started, sizes
-
-
-def run_batch_file(
-    service: InferenceService,
-    settings: Settings,
-    source: Path,
-    target: Path,
-    on_progress: Callable[[int, int], None] = lambda done, total: None,
-    resume: bool = False,
-) -> tuple[list[Reply], Summary]:
-    """Serve every request in `source`, write replies to `target` (in input order once done).
-
-    Bad lines get error replies in place; they do not stop the job. `on_progress(done, total)`
-    is called after each batch. Returns every reply and the throughput summary of this run.
-    """
-    raw = read_requests(source)
-    writer = ReplyWriter(target, resume)
-    todo = plan(raw, set(writer.answered), settings.max_request_bytes)
-    for reply in todo.duplicates:
-        writer.write(reply)
-    sizes: list[int] = []
-    started = time.perf_counter()
-    try:
-        replies = serve_lines(service, settings, todo.todo, on_progress, sizes, writer.write)
-    finally:
-        writer.close()
-    seconds = time.perf_counter() - started
-    summary = summarize_replies([*todo.duplicates, *replies], seconds, sizes)
-    return writer.finish(todo.order), summary

@@ -22,8 +22,8 @@ from ray.util import ActorPool
 
 from ..errors import one_line
 from ..messages import Reply
-from ..serving.queue.worker import WorkerFailed
 from ..settings import Settings, SettingsError
+from .queue.worker import WorkerFailed
 
 log = logging.getLogger(__name__)
 # Ray's socket paths are its session folder plus about 70 characters; AF_UNIX allows 107.
@@ -104,7 +104,7 @@ class Replica:
 
     def run(self) -> dict[str, int]:
         """Serve RabbitMQ until stop(); return the worker's counters."""
-        from ..serving.queue.worker import Worker, run_tracked
+        from .queue.worker import Worker, run_tracked
 
         self.worker = Worker(self.service, self.settings)
         return vars(run_tracked(self.worker, tags={"replica": self.index}))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.lifecycle.finetune import (
+from {{ cookiecutter.package_name }}.lifecycle.finetune.train import (
     LoraParams,
     TrainResult,
     train_lora,

@@ -12,7 +12,7 @@ import pytest
 from {{ cookiecutter.package_name }}.errors import ModelSourceError
 from {{ cookiecutter.package_name }}.lifecycle.cache import COMPLETE_MARKER
 from {{ cookiecutter.package_name }}.lifecycle.sources import resolve_model
-from {{ cookiecutter.package_name }}.serving.batch_job import run_batch_file
+from {{ cookiecutter.package_name }}.serving.batch_job import run_job
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 from ...conftest import interrupt_halfway
@@ -30,7 +30,7 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
     )  # fmt: skip
 
 
-def test_bad_lines_in_a_batch_file_do_not_fail_the_others(service, settings, tmp_path, backend):
+def test_bad_lines_in_a_batch_file_do_not_fail_the_others(settings, tmp_path, backend):
     lines = [
         json.dumps({"id": "good-1", "prompt": "What is the capital of France?"}),
         "{this is not json",
@@ -42,7 +42,7 @@ def test_bad_lines_in_a_batch_file_do_not_fail_the_others(service, settings, tmp
     source = tmp_path / "in.jsonl"
     source.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
     target = tmp_path / "out.jsonl"
-    _, summary = run_batch_file(service, settings, source, target)
+    summary = run_job(settings.model_copy(update={"tracking": False}), source, target).summary
     written = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in written] == [
         "good-1",

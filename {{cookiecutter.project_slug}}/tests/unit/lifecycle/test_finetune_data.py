@@ -9,18 +9,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from {{ cookiecutter.package_name }}.errors import ModelSourceError
-from {{ cookiecutter.package_name }}.lifecycle.finetune import (
+from {{ cookiecutter.package_name }}.lifecycle.finetune.data import (
     IGNORE,
     DatasetError,
-    LoraParams,
     TokenizedExample,
     collate,
     load_chat_dataset,
     load_tokenizer,
     read_chats,
     tokenize_chat,
-    train_lora,
 )
+from {{ cookiecutter.package_name }}.lifecycle.finetune.train import LoraParams, train_lora
 
 from ..chat_templates import CHATML, jinja
 

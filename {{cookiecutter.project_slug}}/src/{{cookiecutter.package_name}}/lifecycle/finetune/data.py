@@ -1,14 +1,10 @@
-"""Fine-tuning data: chat JSONL read and validated, tokenized with assistant-only labels, batched.
-
-A data file has one `{"messages": [...]}` chat per line. Every problem is a DatasetError whose
-one-line message names the file and line. `load_chat_dataset` turns a file into examples;
-`endless_batches` and `collate` turn examples into the tensors a training step takes.
-"""
+"""Fine-tuning data: chat JSONL read and checked, tokenized with assistant-only labels, batched."""
 
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +46,14 @@ class ChatDataset:
 
 
 def read_chats(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
-    """(line number, messages) for each non-blank line of a chat JSONL file.
-
-    Each line is `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
-    with at least one assistant turn. Raises FileNotFoundError if the file is missing and
-    DatasetError, naming the file and line, for the first bad line or for a file without examples.
-    """
+    """(line number, messages) for each non-blank line of a chat JSONL file, whose lines are
+    `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one
+    assistant turn. Raises FileNotFoundError if the file is missing and DatasetError, naming the
+    file and line, for the first bad line or for a file without examples."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    chats = []
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                chats.append((number, _parse_chat(path, number, line)))
+        chats = [(n, _parse_chat(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
     if not chats:
         raise DatasetError(f"{path}: no examples (the file is empty)")
     return chats
@@ -99,28 +90,22 @@ def _parse_chat(path: Path, number: int, line: str) -> list[dict[str, str]]:
 
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a chat rendered with the tokenizer's chat template.
-
-    Labels are IGNORE everywhere except on each assistant turn's content and its end-of-turn
-    token (the tokenizer's eos, e.g. `<|im_end|>`), so the model learns what to say and when to
-    stop. The spans come from rendering each prefix of the chat and diffing the texts; raises
-    ValueError if the template does not render prefixes consistently.
-    """
-    text = _render(tokenizer, messages, add_generation_prompt=False)
-    spans = []
+    """(input_ids, labels) of a chat rendered with the tokenizer's chat template. Labels are IGNORE
+    except on each assistant turn's content and its end-of-turn token (the tokenizer's eos, e.g.
+    `<|im_end|>`), so the model learns what to say and when to stop. The spans come from rendering
+    each prefix of the chat; raises ValueError if the template renders prefixes inconsistently."""
+    render = partial(tokenizer.apply_chat_template, tokenize=False)
+    text, eos, spans = render(messages, add_generation_prompt=False), tokenizer.eos_token, []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        prompt = render(messages[:index], add_generation_prompt=True)
+        through = render(messages[: index + 1], add_generation_prompt=False)
         if not (text.startswith(through) and through.startswith(prompt)):
             raise ValueError("the chat template does not render this chat's prefixes consistently")
-        end = len(through)
-        eos = tokenizer.eos_token
-        if eos:  # stop after the end-of-turn token: what follows it (a newline) is scaffolding
-            found = through.rfind(eos, len(prompt))
-            end = found + len(eos) if found >= 0 else end
-        spans.append((len(prompt), end))
+        # stop after the end-of-turn token: what follows it (a newline) is scaffolding
+        found = through.rfind(eos, len(prompt)) if eos else -1
+        spans.append((len(prompt), found + len(eos) if found >= 0 else len(through)))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = [
@@ -130,21 +115,12 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[
     return input_ids, labels
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
 def load_chat_dataset(
     path: Path, tokenizer: Any, max_seq_len: int, skip_long: bool = False
 ) -> ChatDataset:
-    """Read, validate and tokenize a chat JSONL file.
-
-    Examples longer than `max_seq_len` tokens raise DatasetError naming how many and which lines,
-    unless `skip_long`, which logs them and leaves them out. Raises FileNotFoundError or
-    DatasetError (see `read_chats`), also when no example is left.
-    """
+    """Read, validate and tokenize a chat JSONL file. Examples over `max_seq_len` tokens raise
+    DatasetError naming how many and which lines, unless `skip_long`, which logs them and leaves
+    them out. Raises FileNotFoundError or DatasetError (see `read_chats`), also if none is left."""
     examples, long = [], []
     for number, messages in read_chats(path):
         try:
@@ -155,52 +131,32 @@ def load_chat_dataset(
             long.append((number, len(input_ids)))
         else:
             examples.append(TokenizedExample(number, tuple(input_ids), tuple(labels)))
-    if long and not skip_long:
-        raise DatasetError(
-            f"{path}: {_count(long)} longer than max_seq_len={max_seq_len} tokens "
-            f"({_lines(long, with_lengths=True)}); shorten them, raise max_seq_len, "
-            "or skip them with skip_long"
-        )
     if long:
+        count = f"{len(long)} example{'s' if len(long) != 1 else ''}"
+        if not skip_long:
+            raise DatasetError(
+                f"{path}: {count} longer than max_seq_len={max_seq_len} tokens "
+                f"({_lines(long, with_lengths=True)}); shorten them, raise max_seq_len, "
+                "or skip them with skip_long"
+            )
+        shown = _lines(long, with_lengths=False)
         log.warning(
-            "%s: skipped %s longer than max_seq_len=%d tokens (%s)",
-            path,
-            _count(long),
-            max_seq_len,
-            _lines(long, with_lengths=False),
+            "%s: skipped %s longer than max_seq_len=%d tokens (%s)", path, count, max_seq_len, shown
         )
     if not examples:
         raise DatasetError(f"{path}: no examples left after skipping the long ones")
     return ChatDataset(path, tuple(examples), tuple(number for number, _ in long))
 
 
-def as_chat_dataset(
-    data: Path | ChatDataset, tokenizer: Any, max_seq_len: int, skip_long: bool = False
-) -> ChatDataset:
-    """`data` itself if it is a ChatDataset, else the file loaded with `load_chat_dataset`."""
-    if isinstance(data, ChatDataset):
-        return data
-    return load_chat_dataset(Path(data), tokenizer, max_seq_len, skip_long)
-
-
-def _count(long: list[tuple[int, int]]) -> str:
-    return f"{len(long)} example{'s' if len(long) != 1 else ''}"
-
-
 def _lines(long: list[tuple[int, int]], with_lengths: bool) -> str:
     shown = [f"{n} ({tokens} tokens)" if with_lengths else str(n) for n, tokens in long]
-    more = len(shown) - MAX_LINES_SHOWN
-    label = "line" if len(long) == 1 else "lines"
-    return f"{label} {', '.join(shown[:MAX_LINES_SHOWN])}" + (
-        f" and {more} more" if more > 0 else ""
-    )
+    more = f" and {len(shown) - MAX_LINES_SHOWN} more" if len(shown) > MAX_LINES_SHOWN else ""
+    return f"line{'s' if len(long) != 1 else ''} {', '.join(shown[:MAX_LINES_SHOWN])}{more}"
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    """The model's tokenizer.
-
-    Raises ModelSourceError if it cannot be loaded and ValueError if it has no chat template.
-    """
+    """The model's tokenizer. Raises ModelSourceError if it cannot be loaded and ValueError if it
+    has no chat template."""
     from transformers import AutoTokenizer
 
     try:
@@ -219,19 +175,16 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (IGNORE on padding)."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    ids, labels, mask = (
+        torch.full((len(examples), width), fill, dtype=torch.long) for fill in (pad_id, IGNORE, 0)
+    )
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         mask[row, :length] = 1
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "labels": labels.to(device),
-    }
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def endless_batches(

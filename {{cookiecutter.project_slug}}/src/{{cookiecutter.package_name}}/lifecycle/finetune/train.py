@@ -1,8 +1,5 @@
-"""LoRA training: fit an adapter on tokenized chats, measure the eval loss, merge and save.
-
-No settings, CLI or tracking code here: callers pass plain arguments and an `on_step` callback
-(`pipeline.py` is the caller that brings settings and MLflow).
-"""
+"""LoRA training: fit an adapter on tokenized chats, measure the eval loss, merge and save. No
+settings, CLI or tracking code here: callers pass plain arguments and an `on_step` callback."""
 
 import logging
 import random
@@ -16,26 +13,24 @@ from typing import Any
 import torch
 
 from ...errors import ModelSourceError, one_line
-from ...lifecycle.finetune.data import (
+from ...settings import SettingsError
+from .data import (
     IGNORE,
     ChatDataset,
     TokenizedExample,
-    as_chat_dataset,
     collate,
     endless_batches,
+    load_chat_dataset,
     load_tokenizer,
 )
-from ...settings import SettingsError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoraParams:
-    """What a fine-tuning run does.
-
-    The defaults teach the sample data's fact in about 35 s on a 2-core CPU (30 steps of ~1 s).
-    """
+    """What a fine-tuning run does. The defaults teach the sample data's fact in about 35 s on a
+    2-core CPU (30 steps of ~1 s)."""
 
     rank: int = 8
     alpha: int = 16
@@ -104,99 +99,38 @@ def train_lora(
     device: str = "auto",
     skip_long: bool = False,
 ) -> TrainResult:
-    """Train a LoRA adapter on `train_data`, then save it and the merged model.
-
-    Data given as paths is loaded with `load_chat_dataset` (`skip_long` applies). The eval loss
-    (mean over `eval_data`'s assistant tokens) is measured before and after training.
-    `on_step(step, loss)` is called after each step (1-based). Writes the adapter to
-    out_dir/adapter and the merged model and tokenizer to out_dir/merged (safetensors, loadable
-    like any model directory). Returns a TrainResult. Raises FileNotFoundError or DatasetError
-    for bad data, ModelSourceError if the model cannot be loaded (or device="cuda" without
-    CUDA), FileExistsError if out_dir/adapter or out_dir/merged already has files.
-    """
+    """Train a LoRA adapter on `train_data`, then save it and the merged model. Data given as
+    paths is loaded with `load_chat_dataset` (`skip_long` applies). The eval loss (mean over
+    `eval_data`'s assistant tokens) is measured before and after training. `on_step(step, loss)`
+    is called after each step (1-based). Writes the adapter to out_dir/adapter and the merged
+    model and tokenizer to out_dir/merged (safetensors, loadable like any model directory).
+    Raises FileNotFoundError or DatasetError for bad data, ModelSourceError if the model cannot
+    be loaded (or device="cuda" without CUDA), FileExistsError if out_dir/adapter or
+    out_dir/merged already has files."""
     started = time.perf_counter()
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     for target in (adapter_dir, merged_dir):
         if target.is_dir() and any(target.iterdir()):
             raise FileExistsError(f"{target} already has files; choose another output folder")
 
-    from ...engine.hf import pick_device
-
-    tokenizer = load_tokenizer(model_dir)
-    train_set = as_chat_dataset(train_data, tokenizer, params.max_seq_len, skip_long)
-    eval_set = as_chat_dataset(eval_data, tokenizer, params.max_seq_len, skip_long)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    _seed_everything(params.seed)  # before the adapters are created: their init is random
-    target_device = pick_device(device)
-    model = _lora_model(model_dir, params, target_device)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(
-        "LoRA r=%d on %s: %s trainable of %s parameters, %d train / %d eval examples, on %s",
-        params.rank,
-        ",".join(params.target_modules),
-        f"{trainable:,}",
-        f"{total:,}",
-        len(train_set.examples),
-        len(eval_set.examples),
-        target_device,
-    )
-
-    eval_before = evaluate(model, eval_set.examples, params.batch_size, pad_id, target_device)
-    log.info("eval loss before training: %.4f", eval_before)
-    train_started = time.perf_counter()
-    losses = _train(model, train_set.examples, params, pad_id, target_device, on_step)
-    train_seconds = time.perf_counter() - train_started
-    eval_after = evaluate(model, eval_set.examples, params.batch_size, pad_id, target_device)
-    log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
-
-    _save(model, tokenizer, adapter_dir, merged_dir)
-    return TrainResult(
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
-        losses=tuple(losses),
-        steps=params.steps,
-        seconds=train_seconds,
-        total_seconds=time.perf_counter() - started,
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        trainable_params=trainable,
-        total_params=total,
-        train_examples=len(train_set.examples),
-        eval_examples=len(eval_set.examples),
-        skipped_examples=len(train_set.skipped_lines) + len(eval_set.skipped_lines),
-        device=str(target_device),
-        params=params,
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    examples: Sequence[TokenizedExample],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-) -> float:
-    """Mean cross-entropy per trained (assistant) token over `examples`, dropout off."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        loss_sum, count = _token_loss(
-            model, collate(examples[start : start + batch_size], pad_id, device)
-        )
-        total += loss_sum.item()
-        tokens += count
-    model.train(was_training)
-    return total / max(tokens, 1)
-
-
-def _lora_model(model_dir: Path, params: LoraParams, device: torch.device) -> Any:
-    """The model in float32 with fresh LoRA adapters on `params.target_modules`, on `device`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from ...engine.hf import pick_device
+
+    tokenizer = load_tokenizer(model_dir)
+    train_set, eval_set = (
+        data
+        if isinstance(data, ChatDataset)
+        else load_chat_dataset(Path(data), tokenizer, params.max_seq_len, skip_long)
+        for data in (train_data, eval_data)
+    )
+    train, evals = train_set.examples, eval_set.examples
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    random.seed(params.seed)  # before the adapters are created: their init is random
+    torch.manual_seed(params.seed)  # also seeds every CUDA device
+    target_device = pick_device(device)
     # float32 everywhere: the model is small, and half-precision LoRA needs loss scaling.
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -215,73 +149,93 @@ def _lora_model(model_dir: Path, params: LoraParams, device: torch.device) -> An
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
-        return get_peft_model(model, config).to(device)
-
-
-def _check_target_modules(model: Any, wanted: tuple[str, ...]) -> None:
-    """Raise SettingsError (one line) if a LoRA target module is not a layer of this model."""
-    linear = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
-    missing = sorted(set(wanted) - linear)
-    if missing:
-        raise SettingsError(
-            f"invalid settings: LORA_TARGET_MODULES names {', '.join(missing)}, which this model "
-            f"does not have; its linear layers are {', '.join(sorted(linear))}"
-        )
-
-
-def _train(
-    model: Any,
-    examples: Sequence[TokenizedExample],
-    params: LoraParams,
-    pad_id: int,
-    device: torch.device,
-    on_step: Callable[[int, float], None] | None,
-) -> list[float]:
-    """Run `params.steps` AdamW steps (learning rate decaying linearly to zero); their losses."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=params.learning_rate, weight_decay=params.weight_decay
+        model = get_peft_model(model, config).to(target_device)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        f"LoRA r={params.rank} on {','.join(params.target_modules)}: {trainable:,} trainable of "
+        f"{total:,} parameters, {len(train)} train / {len(evals)} eval examples, on {target_device}"
     )
+
+    eval_before = evaluate(model, evals, params.batch_size, pad_id, target_device)
+    log.info("eval loss before training: %.4f", eval_before)
+    lora = [p for p in model.parameters() if p.requires_grad]  # the adapters' weights
+    optimizer = torch.optim.AdamW(lora, lr=params.learning_rate, weight_decay=params.weight_decay)
+    # the learning rate decays linearly to zero over the run
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / params.steps)
-    stream = endless_batches(examples, params.batch_size, params.seed)
+    batches = endless_batches(train, params.batch_size, params.seed)
     losses: list[float] = []
     model.train()
-    started = time.perf_counter()
+    train_started = time.perf_counter()
     for step in range(1, params.steps + 1):
-        loss_sum, tokens = _token_loss(model, collate(next(stream), pad_id, device))
+        loss_sum, tokens = _token_loss(model, collate(next(batches), pad_id, target_device))
         loss = loss_sum / tokens
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(lora, params.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        seconds_per_step = (time.perf_counter() - started) / step
-        log.info(
-            "step %d/%d loss %.4f (%.2f s/step)", step, params.steps, losses[-1], seconds_per_step
-        )
+        per_step = (time.perf_counter() - train_started) / step
+        log.info("step %d/%d loss %.4f (%.2f s/step)", step, params.steps, losses[-1], per_step)
         if on_step is not None:
             on_step(step, losses[-1])
-    return losses
+    train_seconds = time.perf_counter() - train_started
+    eval_after = evaluate(model, evals, params.batch_size, pad_id, target_device)
+    log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
 
-
-def _save(model: Any, tokenizer: Any, adapter_dir: Path, merged_dir: Path) -> None:
-    """Save the adapter alone, then the base model with the adapter merged in, and the tokenizer."""
     model.save_pretrained(adapter_dir)
     merged = model.merge_and_unload()
     merged.config.use_cache = True
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     log.info("adapter saved to %s, merged model to %s", adapter_dir, merged_dir)
+    return TrainResult(
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        losses=tuple(losses),
+        steps=params.steps,
+        seconds=train_seconds,
+        total_seconds=time.perf_counter() - started,
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        trainable_params=trainable,
+        total_params=total,
+        train_examples=len(train),
+        eval_examples=len(evals),
+        skipped_examples=len(train_set.skipped_lines) + len(eval_set.skipped_lines),
+        device=str(target_device),
+        params=params,
+    )
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    examples: Sequence[TokenizedExample],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> float:
+    """Mean cross-entropy per trained (assistant) token over `examples`, dropout off."""
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(examples), batch_size)
+    losses = [
+        _token_loss(model, collate(examples[i : i + batch_size], pad_id, device)) for i in starts
+    ]
+    model.train(was_training)
+    return sum(loss.item() for loss, _ in losses) / max(sum(tokens for _, tokens in losses), 1)
+
+
+def _check_target_modules(model: Any, wanted: tuple[str, ...]) -> None:
+    """Raise SettingsError (one line) if a LoRA target module is not a layer of this model."""
+    linear = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(wanted) - linear)
+    if missing:
+        raise SettingsError(
+            f"invalid settings: LORA_TARGET_MODULES names {', '.join(missing)}, which this model "
+            f"does not have; its linear layers are {', '.join(sorted(linear))}"
+        )
 
 
 def _token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

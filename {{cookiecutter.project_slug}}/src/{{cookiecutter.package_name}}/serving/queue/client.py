@@ -33,6 +33,7 @@ from ...settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
+Inflight = dict[str, tuple[dict[str, Any], float]]  # correlation id -> (request, sent at)
 
 
 @dataclass
@@ -53,26 +54,20 @@ class QueueFullError(RuntimeError):
     """The request queue refused new requests (QUEUE_MAX_LENGTH) for longer than the deadline."""
 
 
+@dataclass(eq=False, repr=False)  # no repr: the url may hold a password
 class Client:
-    def __init__(
-        self,
-        url: str,
-        prefix: str,
-        window: int = 64,
-        timeout_s: float = 300.0,
-        heartbeat_s: int = 30,
-        connect_timeout_s: float = 30.0,
-        options: QueueOptions | None = None,
-        queue_full_timeout_s: float = 60.0,
-    ) -> None:
-        self.url = url
-        self.options = options or QueueOptions()
-        self.queue_full_timeout_s = queue_full_timeout_s
-        self.names = Names(prefix)
-        self.window = window
-        self.timeout_s = timeout_s
-        self.heartbeat_s = heartbeat_s
-        self.connect_timeout_s = connect_timeout_s
+    url: str
+    prefix: str
+    window: int = 64
+    timeout_s: float = 300.0
+    heartbeat_s: int = 30
+    connect_timeout_s: float = 30.0
+    options: QueueOptions | None = None
+    queue_full_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.options = self.options or QueueOptions()
+        self.names = Names(self.prefix)
         self.reply_queue = self.names.replies(uuid.uuid4().hex[:12])
         self.stats = ClientStats()
         self._connection: Any = None
@@ -102,18 +97,14 @@ class Client:
         arrivals: list[float] | None = None,
     ) -> ClientStats:
         """Send every request (each a dict with an "id") and call `on_reply` once per request,
-        with a reply that carries the request's own id.
-
-        With `arrivals` (seconds from the start, one per request), each request is sent no
-        earlier than its arrival (an open-loop load) and its latency counts from that moment.
-        A request with no reply within the timeout gets an error reply of type "timeout".
-        Raises BrokerUnavailableError if the broker stays unreachable, QueueFullError if the
-        queue stays full past `queue_full_timeout_s`.
-        """
+        with a reply that carries the request's own id. With `arrivals` (seconds from the start,
+        one per request), each request is sent no earlier than its arrival (an open-loop load)
+        and its latency counts from that moment. A request with no reply within the timeout
+        gets an error reply of type "timeout". Raises BrokerUnavailableError if the broker stays
+        unreachable, QueueFullError if the queue stays full past `queue_full_timeout_s`."""
         pending = list(requests)[::-1]  # popped from the end: input order
         due = list(arrivals or [])[::-1]
-        # correlation id -> (request, the moment it counts from)
-        inflight: dict[str, tuple[dict[str, Any], float]] = {}
+        inflight: Inflight = {}  # sent at: the moment its latency counts from
         answered: set[str] = set()
 
         def received(correlation_id: str, reply: Reply) -> None:
@@ -146,9 +137,8 @@ class Client:
                     until_next = started + due[-1] - time.monotonic() if due else 0.1
                     self._connection.process_data_events(time_limit=min(0.1, max(0.0, until_next)))
                 except CONNECTION_ERRORS as exc:
-                    log.warning(
-                        "connection lost (%s); reconnecting", str(exc) or type(exc).__name__
-                    )
+                    log.warning("connection lost (%s); reconnecting",
+                                str(exc) or type(exc).__name__)  # fmt: skip
                     self.stats.reconnects += 1
                     self._connect(received)
                 self._expire(inflight, on_reply)
@@ -166,9 +156,7 @@ class Client:
         except CONNECTION_ERRORS:
             pass
 
-    def _expire(
-        self, inflight: dict[str, tuple[dict[str, Any], float]], on_reply: Callable[[Reply], None]
-    ) -> None:
+    def _expire(self, inflight: Inflight, on_reply: Callable[[Reply], None]) -> None:
         now = time.monotonic()
         for correlation_id, (request, sent_at) in list(inflight.items()):
             if now - sent_at > self.timeout_s:
@@ -185,36 +173,31 @@ class Client:
             message_id=correlation_id,
             reply_to=self.reply_queue,
         )
-        body = json.dumps(request).encode()
+        body, requests = json.dumps(request).encode(), self.names.requests
         deadline: float | None = None
         while True:
             try:
-                self._channel.basic_publish(
-                    "", self.names.requests, body, properties, mandatory=True
-                )
+                self._channel.basic_publish("", requests, body, properties, mandatory=True)
                 return
             except NackError:  # the queue is full (x-max-length): back off, then retry
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.queue_full_timeout_s
-                    log.warning(
-                        "queue %s is full; retrying for up to %g s",
-                        self.names.requests, self.queue_full_timeout_s,
-                    )  # fmt: skip
+                    log.warning("queue %s is full; retrying for up to %g s", requests,
+                                self.queue_full_timeout_s)  # fmt: skip
                 elif now > deadline:
                     raise QueueFullError(
-                        f"queue {self.names.requests} is full (max length "
+                        f"queue {requests} is full (max length "
                         f"{self.options.max_length}) and stayed full for "
                         f"{self.queue_full_timeout_s:g} s; start more workers, or raise "
                         "QUEUE_MAX_LENGTH or QUEUE_FULL_TIMEOUT_S"
                     ) from None
                 self._connection.process_data_events(time_limit=0.5)
             except UnroutableError as exc:
-                raise AMQPChannelError(f"request queue {self.names.requests} missing") from exc
+                raise AMQPChannelError(f"request queue {requests} missing") from exc
 
     def _connect(self, received: Callable[[str, Reply], None]) -> None:
-        deadline = time.monotonic() + self.connect_timeout_s
-        delay = 0.5
+        deadline, delay = time.monotonic() + self.connect_timeout_s, 0.5
         if self._connection is not None and self._connection.is_open:
             try:  # a channel-level error leaves the connection, and its consumer, open
                 self._connection.close()

@@ -13,8 +13,9 @@ import pika
 from pika.exceptions import NackError, UnroutableError
 
 from ...messages import request_id_of
-from ...serving.queue.client import QueueFullError
-from ...serving.queue.topology import (
+from ...settings import Settings
+from .client import QueueFullError
+from .topology import (
     ERROR_MESSAGE_HEADER,
     ERROR_TYPE_HEADER,
     Names,
@@ -23,7 +24,6 @@ from ...serving.queue.topology import (
     declare,
     options_for,
 )
-from ...settings import Settings
 
 # Headers the broker or the worker added on the way in: a replayed copy starts clean.
 DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",

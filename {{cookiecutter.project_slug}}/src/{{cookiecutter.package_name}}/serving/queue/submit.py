@@ -9,10 +9,10 @@ from pathlib import Path
 
 from ...engine.service import limits_of
 from ...messages import Reply, RequestError, parse_request, request_id_of
-from ...serving.queue.client import Client, ClientStats
-from ...serving.replies import JobInterrupted, Plan, ReplyWriter, plan, read_requests
 from ...settings import Settings
 from ...stats import Summary, summarize
+from ..replies import JobInterrupted, Plan, ReplyWriter, plan, read_requests
+from .client import Client, ClientStats
 
 
 @dataclass

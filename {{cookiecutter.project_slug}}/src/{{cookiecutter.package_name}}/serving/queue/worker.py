@@ -1,17 +1,12 @@
 """The worker: it serves requests from RabbitMQ until stopped, and fails loudly.
 
-Each connection gets a broker session (session.py: consuming, acks, error replies,
-dead-lettering) and a generation thread (generation.py: batching, the engine). Delivery is
-at-least-once: a request is acked only after its reply is confirmed, so a crash or a lost
-connection redelivers it, and the worker reconnects with backoff.
+Per connection, a broker session (session.py) and a generation thread (generation.py). A lost
+connection, or a consumer the broker cancelled (its queue deleted), is reconnected with backoff
+and the topology re-declared. If the generation thread dies, the worker exits non-zero
+(WorkerFailed) so that its supervisor restarts it; the broker redelivers what it held."""
 
-This module owns the worker: its reconnect loop, the connection thread's loop and the watchdog
-in it, its counters, its metrics window, `stop`, and `run_tracked`. A worker never sits alive
-and useless: if its generation thread dies, it logs why and exits non-zero (WorkerFailed), so
-its supervisor restarts it and the broker redelivers what it held. A consumer cancelled by the
-broker (its queue deleted) re-declares the topology and resumes.
-"""
-
+import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -22,22 +17,16 @@ import pika
 from ...engine.service import Admitted, InferenceService
 from ...errors import one_line
 from ...messages import Reply
-from ...serving.queue.generation import Generation
-from ...serving.queue.session import (
-    CONNECTION_ERRORS,
-    PRIOR_DELIVERIES_HEADER,  # noqa: F401 - importable from here too
-    ConsumerCancelled,
-    Counters,
-    Delivery,  # noqa: F401 - importable from here too
-    Session,
-    close_connection,
-)
-from ...serving.queue.topology import Names, connection_parameters
 from ...settings import Settings, redact_url
 from ...stats import Summary, summarize
+from .generation import Generation
+from .session import CONNECTION_ERRORS, ConsumerCancelled, Counters, Session
+from .topology import Names, connection_parameters, declare, options_for
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 3  # the worker's exit status when it stops because a part of it died
+WINDOW_METRICS = ("inputs_per_s", "tokens_per_s", "batches", "batch_size_mean", "batch_size_max",
+                  "latency_p50_ms", "latency_p95_ms", "latency_p99_ms")  # fmt: skip
 
 
 class WorkerFailed(RuntimeError):
@@ -50,10 +39,9 @@ class MetricsWindow:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since = time.monotonic()
+        self._since, self._tokens = time.monotonic(), 0
         self._sizes: list[int] = []
         self._latencies: list[float] = []
-        self._tokens = 0
 
     def add(self, replies: list[Reply], batch_size: int | None = None) -> None:
         """Record replies that finished together, from a batch of `batch_size` (theirs if None)."""
@@ -75,8 +63,7 @@ class MetricsWindow:
 
 class Worker:
     def __init__(self, service: InferenceService, settings: Settings) -> None:
-        self.service = service
-        self.settings = settings
+        self.service, self.settings = service, settings
         self.names = Names(settings.queue_prefix)
         self.counters = Counters()
         self.window = MetricsWindow()
@@ -89,83 +76,67 @@ class Worker:
     def snapshot(self) -> dict[str, float]:
         """Counters since start, and throughput, latency and batch sizes since the last call."""
         window = self.window.take().metrics()
-        return {
-            **{f"total_{k}": float(v) for k, v in vars(self.counters).items()},
-            **{k: window[k] for k in ("inputs_per_s", "tokens_per_s", "batches")},
-            **{k: window[k] for k in ("batch_size_mean", "batch_size_max")},
-            **{k: window[k] for k in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")},
-        }
+        totals = {f"total_{k}": float(v) for k, v in vars(self.counters).items()}
+        return totals | {k: window[k] for k in WINDOW_METRICS}
 
     def run(self) -> None:
         """Serve until `stop()`, reconnecting with backoff whenever the connection is lost.
-
         Raises WorkerFailed if the generation thread dies, and TopologyError if the queues
-        exist with other arguments: neither is fixed by reconnecting.
-        """
+        exist with other arguments: neither is fixed by reconnecting."""
         delay = 0.5
         try:
             while not self._stop.is_set():
                 try:
-                    self._serve()
-                    delay = 0.5
+                    self._serve()  # returns once stopped
                 except CONNECTION_ERRORS as exc:
                     if self._stop.is_set():
                         break
                     self.counters.reconnects += 1
-                    log.warning(
-                        "connection lost (%s); reconnecting in %.1f s", one_line(exc), delay
-                    )
+                    log.warning("connection lost (%s); reconnecting in %.1f s",
+                                one_line(exc), delay)  # fmt: skip
                     self._stop.wait(delay)
                     delay = min(delay * 2, 10.0)
         finally:
-            log.info(
-                "stopped: %d served, %d errors, %d dead-lettered, %d reconnects",
-                self.counters.served, self.counters.errors,
-                self.counters.dead_lettered, self.counters.reconnects,
-            )  # fmt: skip
+            c = self.counters
+            log.info("stopped: %d served, %d errors, %d dead-lettered, %d reconnects",
+                     c.served, c.errors, c.dead_lettered, c.reconnects)  # fmt: skip
 
     def _serve(self) -> None:
-        url = self.settings.rabbitmq_url
-        connection = pika.BlockingConnection(connection_parameters(url, self.settings.heartbeat_s))
+        """One connection: deliveries in and replies out on this thread, the watchdog between
+        events, until `stop()`; then the batch in hand finishes and the rest is given back."""
+        settings, url = self.settings, self.settings.rabbitmq_url
+        connection = pika.BlockingConnection(connection_parameters(url, settings.heartbeat_s))
+        generation = None
         try:
-            session = Session(connection, self.settings, self.names, self.counters, self._admit)
-        except CONNECTION_ERRORS:
-            close_connection(connection)
-            raise
-        generation = Generation(session, self.service, self.settings, self._stop, self.window.add)
-        try:
-            self._serve_session(session, generation)
-        finally:
-            generation.close()
-            close_connection(connection)  # unacked deliveries go back to the queue
-
-    def _serve_session(self, session: Session, generation: Generation) -> None:
-        """The connection thread's loop, until `stop()`: deliveries in, replies out, and the
-        watchdog between events. Then the batch in hand finishes and the rest is given back."""
-        settings = self.settings
-        session.open()
-        generation.start()
-        log.info(
-            "consuming %s on %s (prefetch %d after the first fresh request, heartbeat %d s)",
-            self.names.requests, redact_url(settings.rabbitmq_url), session.prefetch,
-            settings.heartbeat_s,
-        )  # fmt: skip
-        last_report = time.monotonic()
-        while not self._stop.is_set():
-            session.connection.process_data_events(time_limit=0.2)
+            channel = connection.channel()
+            declare(channel, self.names, options_for(settings))
+            session = Session(channel, settings, self.counters, self._admit)  # consumes from now on
+            generation = Generation(session, self.service, self._stop, self.window.add)
+            generation.thread.start()
+            log.info(
+                "consuming %s on %s (prefetch %d after the first fresh request, heartbeat %d s)",
+                self.names.requests, redact_url(url), session.prefetch, settings.heartbeat_s,
+            )  # fmt: skip
+            last_report = time.monotonic()
+            while not self._stop.is_set():
+                connection.process_data_events(time_limit=0.2)
+                self._check_alive(session, generation)
+                if time.monotonic() - last_report >= settings.report_every_s:
+                    c = self.counters
+                    log.info("served %d, errors %d, dead-lettered %d",
+                             c.served, c.errors, c.dead_lettered)  # fmt: skip
+                    last_report = time.monotonic()
+            session.channel.basic_cancel(session.consumer_tag)  # no new deliveries
+            while generation.thread.is_alive():  # the batch in hand finishes, is acked below
+                connection.process_data_events(time_limit=0.2)
             self._check_alive(session, generation)
-            if time.monotonic() - last_report >= settings.report_every_s:
-                c = self.counters
-                log.info(
-                    "served %d, errors %d, dead-lettered %d", c.served, c.errors, c.dead_lettered
-                )
-                last_report = time.monotonic()
-        # Stopping: no new deliveries; the batch in hand finishes and is acked below.
-        session.stop_consuming()
-        while not generation.done.is_set():
-            session.connection.process_data_events(time_limit=0.2)
-        self._check_alive(session, generation)
-        session.give_back(generation.leftover)
+            session.give_back(generation.leftover)
+        finally:
+            if generation is not None:
+                generation.close()
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                if connection.is_open:  # unacked deliveries go back to the queue
+                    connection.close()
 
     @staticmethod
     def _check_alive(session: Session, generation: Generation) -> None:
@@ -177,8 +148,7 @@ class Worker:
             raise ConsumerCancelled("the broker cancelled the consumer (was the queue deleted?)")
 
     def _admit(self, body: bytes, fallback_id: str) -> Admitted | Reply:
-        """Admit a delivery's body for the session (fault injection may exit here first)."""
-        fault = self.settings.fault_exit_on
+        fault = self.settings.fault_exit_on  # fault injection: the process dies on a message
         if fault and fault.encode() in body:
             log.critical("fault injection: exiting on a message that holds %r", fault)
             os._exit(EXIT_FAILED)
@@ -186,27 +156,22 @@ class Worker:
 
 
 def run_tracked(worker: Worker, tags: dict[str, object] | None = None) -> Counters:
-    """Run `worker` in an MLflow run of kind "worker" until it stops; return its counters.
-
-    Its metrics are logged every `worker_metrics_every_s` (and once at the end) by a thread of
-    their own, so a slow tracking server never delays an ack; a failed report is a warning.
-    """
+    """Run `worker` in an MLflow run of kind "worker" until it stops; return its counters. Its
+    metrics are logged every `worker_metrics_every_s` (and once at the end) by a thread of their
+    own, so a slow tracking server never delays an ack; a failed report is a warning."""
     from ...lifecycle.tracking import settings_params, start_run
 
     settings = worker.settings
     with start_run(settings, "worker", settings_params(settings)) as run:
         run.log_params(worker.service.backend.describe())
         run.set_tags({"queue": worker.names.requests, **(tags or {})})
-        done = threading.Event()
-        step = 0
+        done, steps = threading.Event(), itertools.count()
 
-        def report() -> None:
-            nonlocal step
+        def report() -> None:  # a step is used up even when its report fails
             try:
-                run.log_metrics(worker.snapshot(), step=step)
+                run.log_metrics(step=next(steps), metrics=worker.snapshot())
             except Exception as exc:  # noqa: BLE001 - tracking must never stop serving
                 log.warning("worker metrics not logged: %s", one_line(exc))
-            step += 1
 
         def reporter() -> None:
             while not done.wait(settings.worker_metrics_every_s):
