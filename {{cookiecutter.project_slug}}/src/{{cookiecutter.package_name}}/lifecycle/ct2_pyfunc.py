@@ -15,10 +15,15 @@ class CTranslate2Chat(PythonModel):
     def load_context(self, context: Any) -> None:
         from pathlib import Path
 
-        from ..engine.ct2 import META_FILE, CTranslate2Backend
-        from ..engine.prompts import PromptBuilder
-        from ..engine.service import InferenceService
-        from ..messages import Reply
+        # Absolute imports: MLflow loads this file as a module of its own, outside the package
+        # (whose code it ships with the model and puts on the path).
+        from {{ cookiecutter.package_name }}.engine.ct2 import (
+            META_FILE,
+            CTranslate2Backend,
+        )
+        from {{ cookiecutter.package_name }}.engine.prompts import PromptBuilder
+        from {{ cookiecutter.package_name }}.engine.service import InferenceService
+        from {{ cookiecutter.package_name }}.messages import Reply
 
         model_dir = Path(context.artifacts["model"])
         meta = (model_dir / META_FILE).read_text() if (model_dir / META_FILE).is_file() else "{}"
@@ -49,7 +54,7 @@ class CTranslate2Chat(PythonModel):
 def _compute_type(meta: str) -> str:
     import json
 
-    from .quantize import ct2_types
+    from {{ cookiecutter.package_name }}.lifecycle.quantize import ct2_types
 
     scheme = json.loads(meta).get("quantization")
     return ct2_types(scheme)[1] if scheme else "default"
