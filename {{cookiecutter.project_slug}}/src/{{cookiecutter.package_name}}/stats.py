@@ -15,16 +15,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-@dataclass(frozen=True)
-class Summary:
+class Rates:
+    """Throughput of anything with `inputs`, `completion_tokens` and `seconds` (nan if no time)."""
+
     inputs: int
-    errors: int
-    seconds: float
     completion_tokens: int
-    latency_p50_ms: float
-    latency_p95_ms: float
-    latency_p99_ms: float = math.nan
-    batch_sizes: tuple[int, ...] = ()
+    seconds: float
 
     @property
     def inputs_per_s(self) -> float:
@@ -33,6 +29,18 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class Summary(Rates):
+    inputs: int
+    errors: int
+    seconds: float
+    completion_tokens: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float = math.nan
+    batch_sizes: tuple[int, ...] = ()
 
     def metrics(self) -> dict[str, float]:
         """The numbers a tracking run records."""

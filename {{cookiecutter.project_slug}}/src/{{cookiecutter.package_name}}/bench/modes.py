@@ -12,7 +12,6 @@ here (`run_in_process`), each in a child process of its own (`bench.child`)."""
 
 import contextlib
 import json
-import math
 import os
 import random
 import re
@@ -28,6 +27,7 @@ from typing import Any
 
 from ..messages import Reply
 from ..settings import ENV_PREFIX, Settings, SettingsError
+from ..stats import Rates
 
 TRANSFORMERS_MODES = ("naive", "batched", "batched-bf16", "continuous", "continuous-bf16")
 {%- if cookiecutter.worker_runtime == "ray" %}
@@ -49,7 +49,7 @@ class UnknownModeError(SettingsError):
 
 
 @dataclass
-class ModeResult:
+class ModeResult(Rates):
     """What one mode measured: the requests served, how long they took, the peak memory."""
 
     mode: str
@@ -69,14 +69,6 @@ class ModeResult:
         served = [r for r in replies if r.error is None]
         tokens, errors = sum(r.usage.completion_tokens for r in served), len(replies) - len(served)
         return cls(mode, len(replies), seconds, tokens, latencies, 0.0, errors, note)
-
-    @property
-    def inputs_per_s(self) -> float:
-        return self.inputs / self.seconds if self.seconds > 0 else math.nan
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else math.nan
 
 
 def bench_request(raw: bytes, max_new_tokens: int) -> bytes:
