@@ -53,3 +53,21 @@ def project_env(project: Path) -> dict[str, str]:
 def package_of(project: Path) -> str:
     (package,) = [p.name for p in (project / "src").iterdir() if p.is_dir()]
     return package
+
+
+def cpu_has_bf16() -> bool:
+    """This machine's CPU has bfloat16 instructions (the rendered `precision` module's oracle)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpuinfo.split()))
+
+
+def assert_all_ran(output: str) -> None:
+    """A rendered test run: passed, nothing failed or skipped, and the tests that need absent
+    hardware deselected with their reason printed (exactly when the hardware is absent)."""
+    assert " passed" in output and " failed" not in output, output[-3000:]
+    assert "skipped" not in output, output[-3000:]
+    said = "bf16_cpu tests: this CPU has no bfloat16 instructions" in output
+    assert said is not cpu_has_bf16(), output[-3000:]

@@ -20,6 +20,30 @@ os.environ[f"{ENV_PREFIX}TRACKING_DIR"] = tempfile.mkdtemp(prefix="mlruns-test-"
 # instructions). tests/integration/lifecycle/test_precision.py tests `auto` itself.
 os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
+NO_BF16 = "this CPU has no bfloat16 instructions: `auto` is float32 here, with no gate"
+DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the bf16_cpu tests on a CPU without the instructions, and say so.
+
+    Deselected, not skipped: the hardware is absent, not something the test needs installed,
+    and under CI=true a skip means a missing service (see `broker`).
+    """
+    from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_has_bf16
+
+    absent = [item for item in items if item.get_closest_marker("bf16_cpu")]
+    if not absent or cpu_has_bf16():
+        return
+    config.hook.pytest_deselected(items=absent)
+    items[:] = [item for item in items if not item.get_closest_marker("bf16_cpu")]
+    config.stash[DESELECTED] = len(absent)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if count := config.stash.get(DESELECTED, 0):
+        terminalreporter.write_line(f"deselected {count} bf16_cpu tests: {NO_BF16}")
+
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
