@@ -89,6 +89,8 @@ class Request(BaseModel):
     stop: list[Annotated[Text, Field(max_length=MAX_STOP_LENGTH)]] = Field(
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
+    # False: `prompt` goes to the model verbatim, as OpenAI's /v1/completions sends it.
+    chat_template: bool = True
 
     @model_validator(mode="after")
     def _one_input(self) -> "Request":
@@ -100,6 +102,8 @@ class Request(BaseModel):
             raise ValueError("the last message must not be the assistant's")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("'prompt' is empty")
+        if not self.chat_template and self.prompt is None:
+            raise ValueError("'chat_template' false needs a 'prompt'")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         return self

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import one_line
@@ -162,6 +162,16 @@ class Settings(BaseSettings):
     finetune_batch_size: int = Field(default=4, ge=1)
     finetune_max_seq_len: int = Field(default=256, ge=16)
 {%- endif %}
+
+    # `serve`: the OpenAI-compatible HTTP API. API_KEY (a bearer token for /v1/*) comes from the
+    # environment or .env only and is never logged; None = no key asked for.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(default=None, min_length=8)
+    served_model_name: str | None = Field(default=None, pattern=r"^\S{1,256}$")  # None = MODEL
+    max_waiting: int = Field(default=64, ge=0, description="queued past the batch; more get 429")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: in-flight may finish")
+    cors_origins: list[str] = Field(default_factory=list, description="[] = no CORS headers")
 
     # `mlflow-server`: one lean process (one worker, job execution off) for small machines.
     mlflow_host: str = "127.0.0.1"

@@ -67,7 +67,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch):
 # model spec is refused where it is used, in one line, by the tests of those parts).
 FREE_TEXT = {
     "model", "cache_dir", "system_prompt", "rabbitmq_url", "tracking_uri", "tracking_dir",
-    "experiment", "mlflow_host", "mlflow_allowed_hosts", "mlflow_backend_store_uri",
+    "experiment", "mlflow_host", "http_host", "mlflow_allowed_hosts", "mlflow_backend_store_uri",
     "mlflow_artifacts_destination", "s3_endpoint_url", "ray_address",
 }  # fmt: skip
 

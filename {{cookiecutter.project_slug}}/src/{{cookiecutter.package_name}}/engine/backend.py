@@ -8,6 +8,13 @@ from ..messages import FinishReason
 from .prompts import PreparedRequest
 
 
+class Cancelled(Exception):
+    """The result of a request stopped before its end (its client went away)."""
+
+
+OnIndexToken = Callable[[int, int], bool]  # (index in the batch, token id) -> True to stop it
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -32,13 +39,18 @@ class Backend(Protocol):
 
 def generate_grouped(
     batch: list[PreparedRequest],
-    generate_group: Callable[[list[PreparedRequest]], list[Completion]],
+    generate_group: Callable[[list[PreparedRequest], OnIndexToken | None], list[Completion]],
+    on_token: OnIndexToken | None = None,
 ) -> list[Completion]:
-    """Run `generate_group` once per sampling group; return the completions in batch order."""
+    """Run `generate_group` once per sampling group; return the completions in batch order.
+    `on_token` hears each decoded token by the request's index in `batch`."""
     results: dict[int, Completion] = {}
     for indices in sampling_groups(batch):
         group = [batch[i] for i in indices]
-        for i, completion in zip(indices, generate_group(group), strict=True):
+        heard = None
+        if on_token is not None:
+            heard = lambda i, token, indices=indices: on_token(indices[i], token)  # noqa: E731
+        for i, completion in zip(indices, generate_group(group, heard), strict=True):
             results[i] = completion
     return [results[i] for i in range(len(batch))]
 

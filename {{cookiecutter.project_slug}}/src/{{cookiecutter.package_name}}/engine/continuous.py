@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .backend import Completion
+from .backend import Cancelled, Completion
 from .prompts import PreparedRequest
+from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +47,8 @@ class _Row(Generic[T]):
 class ContinuousBatcher(Generic[T]):
     """Iteration-level scheduling over one transformers model; `step` until it is empty.
 
-    Not thread-safe: one thread adds and steps (the worker's generation thread).
+    Not thread-safe: one thread adds and steps (the worker's generation thread). A caller that
+    streams sets `on_start` and `on_token` (see engine/streaming.py).
     """
 
     def __init__(self, backend: Any, max_batch_size: int, max_batch_tokens: int) -> None:
@@ -61,6 +63,8 @@ class ContinuousBatcher(Generic[T]):
         self.running: list[_Row[T]] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 0 where padding
+        self.on_token: OnToken = never_stop
+        self.on_start: OnStart = started
         # transformers renamed `past_key_values` to `cache` in 5.x; pass what this model takes.
         forward = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -109,6 +113,7 @@ class ContinuousBatcher(Generic[T]):
             longest = longest_after
         prefilled, failed = [], []
         for row in joining:
+            self.on_start(row.tag)
             try:
                 prefilled.append((row, *self._prefill(row)))
             except Exception as exc:  # one error reply, the others are served
@@ -211,7 +216,9 @@ class ContinuousBatcher(Generic[T]):
                 done.append((row.tag, token))
                 continue
             row.ids.append(token)
-            if (
+            if self.on_token(row.tag, token):  # its client went away
+                done.append((row.tag, Cancelled()))
+            elif (
                 token in eos
                 or len(row.ids) >= row.request.params.max_new_tokens
                 or _stopped(row, self.backend.tokenizer)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import ModelSourceError
 from ..settings import SettingsError
-from .backend import Completion, cut_at_stop, generate_grouped
+from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped
 from .prompts import GenerationParams, PreparedRequest
 from .tokenizer import ChatTokenizer
 
@@ -41,6 +41,7 @@ def thread_split(
 
 class CTranslate2Backend:
     name = "ctranslate2"
+    streams = True  # `generate` takes on_token: CTranslate2 calls back for each decoded token
 
     def __init__(
         self,
@@ -91,14 +92,24 @@ class CTranslate2Backend:
             "model_dir": str(self.model_dir),
         }
 
-    def generate(self, batch: list[PreparedRequest]) -> list[Completion]:
-        """One completion per request, in order; requests sharing sampling settings share a call."""
-        return generate_grouped(batch, self._generate_group)
+    def generate(
+        self, batch: list[PreparedRequest], on_token: OnIndexToken | None = None
+    ) -> list[Completion]:
+        """One completion per request, in order; requests sharing sampling settings share a call.
 
-    def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
+        `on_token(index, token_id)` hears each token as it is decoded; True stops that request.
+        """
+        return generate_grouped(batch, self._generate_group, on_token)
+
+    def _generate_group(
+        self, group: list[PreparedRequest], on_token: OnIndexToken | None
+    ) -> list[Completion]:
         params = group[0].params
         if not params.greedy and params.seed is not None:  # sampling_groups: it is alone
-            return [self._sample_seeded(group[0])]
+            return [self._sample_seeded(group[0], on_token)]
+        callback = None
+        if on_token is not None:
+            callback = lambda step: on_token(step.batch_id, step.token_id)  # noqa: E731
         results = self.generator.generate_batch(
             [self.tokenizer.convert_ids_to_tokens(r.token_ids) for r in group],
             max_length=max(r.params.max_new_tokens for r in group),
@@ -106,6 +117,7 @@ class CTranslate2Backend:
             batch_type="tokens",
             include_prompt_in_result=False,
             end_token=self.end_tokens,
+            callback=callback,
             **_sampling(params),
         )
         return [
@@ -113,7 +125,9 @@ class CTranslate2Backend:
             for request, result in zip(group, results, strict=True)
         ]
 
-    def _sample_seeded(self, request: PreparedRequest) -> Completion:
+    def _sample_seeded(
+        self, request: PreparedRequest, on_token: OnIndexToken | None = None
+    ) -> Completion:
         """Sample step by step from the model's logits with a generator seeded by the request.
 
         CTranslate2 seeds one random generator per thread, once, so `set_random_seed` cannot
@@ -127,7 +141,7 @@ class CTranslate2Backend:
             logits = np.asarray(self.generator.forward_batch(tokens))[0, -1].astype(np.float64)
             token = _sample(logits, params.temperature, params.top_p, rng)
             new.append(token)
-            if token == self.tokenizer.eos_token_id:
+            if token == self.tokenizer.eos_token_id or (on_token and on_token(0, token)):
                 break
             ids.append(token)
             if params.stop and cut_at_stop(self.tokenizer.decode(new), params.stop)[1]:

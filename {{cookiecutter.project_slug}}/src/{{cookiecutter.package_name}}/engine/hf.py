@@ -87,7 +87,9 @@ class TransformersBackend:
         return ContinuousBatcher(self, max_batch_size, max_batch_tokens)
 
     @torch.inference_mode()
-    def _generate_group(self, group: list[PreparedRequest]) -> list[Completion]:
+    def _generate_group(
+        self, group: list[PreparedRequest], on_token: object = None
+    ) -> list[Completion]:  # tokens stream through `continuous`, not here
         params = group[0].params
         padded = self.tokenizer.pad(
             {"input_ids": [r.token_ids for r in group]}, padding=True, return_tensors="pt"

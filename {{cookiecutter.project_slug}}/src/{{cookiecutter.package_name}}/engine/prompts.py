@@ -61,7 +61,10 @@ class PromptBuilder:
         self.max_new_tokens_limit = max_new_tokens_limit
 
     def render(self, request: Request) -> str:
-        """The prompt text: the chat template applied, with the generation prompt appended."""
+        """The prompt text: the chat template applied, with the generation prompt appended (or
+        the prompt itself, for a request without the template)."""
+        if not request.chat_template:
+            return request.prompt or ""
         chat = with_system_prompt(request.chat(), self.system_prompt)
         try:
             return self.tokenizer.apply_chat_template(
@@ -88,7 +91,8 @@ class PromptBuilder:
             )
         text = self.render(request)
         # The template already holds the special tokens (e.g. <|im_start|>): add none twice.
-        token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        special = not request.chat_template
+        token_ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         needed = len(token_ids) + params.max_new_tokens
         if needed > self.context_window:
             raise RequestError(

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import one_line
 from ..messages import Limits, Reply, RequestError, Usage, parse_request, request_id_of
 from ..settings import Settings
-from .backend import Backend, Completion
+from .backend import Backend, Cancelled, Completion
 from .batching import DynamicBatcher
 from .prompts import GenerationParams, PreparedRequest, PromptBuilder
+from .streaming import StaticStreamer
 
 if TYPE_CHECKING:
     from .continuous import ContinuousBatcher
@@ -93,6 +94,14 @@ class InferenceService:
             return None
         return make(settings.max_batch_size, settings.max_batch_tokens)
 
+    def scheduler(self, settings: Settings) -> "ContinuousBatcher[Any] | StaticStreamer[Any]":
+        """What a caller that streams drives: the continuous batcher where there is one, else
+        whole batches that stream tokens when the engine can."""
+        continuous = self.continuous(settings)
+        if continuous is not None:
+            return continuous
+        return StaticStreamer(self.backend, settings.max_batch_size, settings.max_batch_tokens)
+
     def run_continuous(
         self, batcher: "ContinuousBatcher[Any]", batch: Sequence[Admitted]
     ) -> list[Reply]:
@@ -109,6 +118,9 @@ class InferenceService:
     def reply(admitted: Admitted, result: Completion | Exception) -> Reply:
         """The reply to `admitted` from its completion, or an error reply if generation failed."""
         request = admitted.request
+        if isinstance(result, Cancelled):
+            error = RequestError("cancelled", "the client went away")
+            return Reply.failure(request.id, error, _ms_since(admitted.received))
         if isinstance(result, Exception):
             error = RequestError("generation_failed", "the engine failed on this request")
             return Reply.failure(request.id, error, _ms_since(admitted.received))

@@ -1,0 +1,135 @@
+"""Token streaming: text deltas from token ids, and a static scheduler that streams.
+
+Both schedulers (this one and `continuous.ContinuousBatcher`) keep one contract for a caller
+that streams: `add(request, tag)`, `step()` until empty, `take_waiting()`, and two hooks set
+by the caller: `on_start(tag)` when a request enters the running batch, and `on_token(tag,
+token_id)` for each token it decodes, which returns True to stop that request (its client went
+away): it leaves the batch and comes back from `step` as `Cancelled`.
+"""
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from .backend import Cancelled, Completion, cut_at_stop
+from .prompts import PreparedRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OnToken = Callable[[Any, int], bool]  # (tag, token id) -> True to stop this request
+OnStart = Callable[[Any], None]
+
+
+def never_stop(tag: object, token: int) -> bool:
+    return False
+
+
+def started(tag: object) -> None:
+    return None
+
+
+class TextStream:
+    """The text of a growing list of token ids, handed out as deltas whose concatenation is the
+    final text. A delta never ends inside a UTF-8 character, and text that could still become a
+    stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], eos_ids: set[int]) -> None:
+        self.tokenizer, self.stops, self.eos_ids = tokenizer, stops, eos_ids
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        """The text that `token` makes final, maybe empty."""
+        if token in self.eos_ids:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # the rest of the character is in the next token
+            return ""
+        text, _ = cut_at_stop(text, self.stops)
+        safe = text[: len(text) - self._held(text)]
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent) :], safe
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """What is left to send once the request is done and its final text known."""
+        if not final_text.startswith(self.sent):  # a tokenizer whose decoding is not prefix-stable
+            log.warning("streamed text is not a prefix of the final text; the rest is dropped")
+            return ""
+        delta, self.sent = final_text[len(self.sent) :], final_text
+        return delta
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of `text` that begin some stop string."""
+        return max(
+            (k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])),
+            default=0,
+        )
+
+
+class StaticStreamer(Generic[T]):
+    """Whole batches, first come first served, each run to completion, streaming tokens when
+    the engine can (`streams = True`: its `generate` takes `on_token`). The
+    scheduler for an engine without step-level control, or `scheduling=static`."""
+
+    def __init__(self, backend: Any, max_batch_size: int, max_batch_tokens: int) -> None:
+        self.backend = backend
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.waiting: deque[tuple[PreparedRequest, T]] = deque()
+        self.running: list[tuple[PreparedRequest, T]] = []
+        self.on_token: OnToken = never_stop
+        self.on_start: OnStart = started
+        self.streams = getattr(backend, "streams", False)
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: PreparedRequest, tag: T) -> None:
+        self.waiting.append((request, tag))
+
+    def take_waiting(self) -> list[T]:
+        tags = [tag for _, tag in self.waiting]
+        self.waiting.clear()
+        return tags
+
+    def step(self) -> list[tuple[T, Completion | Exception]]:
+        """Run the next batch to completion; return each request with its result."""
+        batch: list[tuple[PreparedRequest, T]] = []
+        longest = 0
+        while self.waiting and len(batch) < self.max_batch_size:
+            longest_after = max(longest, self.waiting[0][0].tokens)
+            if batch and (len(batch) + 1) * longest_after > self.max_batch_tokens:
+                break
+            batch.append(self.waiting.popleft())
+            longest = longest_after
+        if not batch:
+            return []
+        self.running = batch  # seen as running while it generates
+        stopped: set[int] = set()
+        for _, tag in batch:
+            self.on_start(tag)
+
+        def on_token(index: int, token: int) -> bool:
+            if index in stopped or self.on_token(batch[index][1], token):
+                stopped.add(index)
+                return True
+            return False
+
+        requests = [request for request, _ in batch]
+        try:
+            if self.streams:
+                results: list[Any] = self.backend.generate(requests, on_token=on_token)
+            else:
+                results = self.backend.generate(requests)
+        except Exception as exc:
+            log.exception("a batch of %d requests failed", len(batch))
+            results = [exc] * len(batch)
+        finally:
+            self.running = []
+        return [
+            (tag, Cancelled() if i in stopped else result)
+            for i, ((_, tag), result) in enumerate(zip(batch, results, strict=True))
+        ]

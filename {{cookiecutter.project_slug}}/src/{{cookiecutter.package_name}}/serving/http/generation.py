@@ -1,0 +1,189 @@
+"""The HTTP server's generation thread: it drives the engine's scheduler (continuous batching
+on transformers, streamed whole batches otherwise) and hands each request's text to its
+asyncio task as it is decoded.
+
+Admission is bounded: past a full batch (MAX_BATCH_SIZE), at most MAX_WAITING requests wait;
+one more is refused (`Full`, an HTTP 429) rather than queued without end. A request whose
+client went away is stopped at its next token. If the thread dies, every request in hand gets
+an error and `failure` says why: the server's watchdog then exits non-zero.
+"""
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...engine.backend import Cancelled
+from ...engine.service import Admitted, InferenceService
+from ...engine.streaming import TextStream
+from ...messages import Reply, RequestError
+from ...settings import Settings
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Full(Exception):
+    """The waiting queue is full; `retry_after` is an estimate in whole seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the server is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in flight: its events go to `events` as ("delta", text) or ("done", reply,
+    rest of the text)."""
+
+    admitted: Admitted
+    loop: asyncio.AbstractEventLoop
+    text: TextStream
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    tokens: int = 0
+    first: float | None = None
+    last: float | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.admitted.request.id)
+
+    def emit(self, *item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop closed: the server is gone
+            pass
+
+
+class Generation:
+    def __init__(self, service: InferenceService, settings: Settings, metrics: Metrics) -> None:
+        self.service, self.settings, self.metrics = service, settings, metrics
+        self.scheduler = service.scheduler(settings)
+        self.scheduler.on_token = self._on_token
+        self.scheduler.on_start = self._on_start
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.lock = threading.Lock()
+        self.jobs: set[Job] = set()  # accepted, not finished
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+        eos = getattr(service.backend, "eos_ids", None)
+        tokenizer = service.backend.tokenizer
+        self.eos_ids = set(eos) if eos else {getattr(tokenizer, "eos_token_id", None)} - {None}
+
+    @property
+    def waiting(self) -> int:
+        return max(0, len(self.jobs) - len(self.scheduler.running))
+
+    def submit(self, admitted: Admitted, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue a request; raise Full when a full batch runs and MAX_WAITING requests wait."""
+        if self.failure is not None or not self.thread.is_alive():
+            raise RuntimeError("the generation thread is not running")
+        with self.lock:
+            if len(self.jobs) >= self.settings.max_batch_size + self.settings.max_waiting:
+                raise Full(self._retry_after())
+            tokenizer, stops = self.service.backend.tokenizer, admitted.request.params.stop
+            job = Job(admitted, loop, TextStream(tokenizer, stops, self.eos_ids))
+            self.jobs.add(job)
+        self.inbox.put(job)
+        self.metrics.waiting.set(self.waiting)
+        return job
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: the mean request time, per batch of waiters."""
+        count, total = _histogram_totals(self.metrics.e2e)
+        mean = total / count if count else 1.0
+        batches = self.waiting / max(1, self.settings.max_batch_size) + 1
+        return max(1, min(60, math.ceil(mean * batches)))
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._take(block=not len(self.scheduler))
+                done = self.scheduler.step()
+                if size := len(done) + len(self.scheduler.running):
+                    self.metrics.batch_size.observe(size)
+                for job, result in done:
+                    self._finish(job, self.service.reply(job.admitted, result))
+                self.metrics.running.set(len(self.scheduler.running))
+                self.metrics.waiting.set(self.waiting)
+        except BaseException as exc:  # the server's watchdog exits with it
+            log.critical("the generation thread died", exc_info=True)
+            self.failure = exc
+            failed = RequestError("generation_failed", "the engine stopped")
+            with self.lock:
+                jobs, self.jobs = list(self.jobs), set()
+            for job in jobs:
+                job.emit("done", Reply.failure(job.admitted.request.id, failed), "")
+
+    def _take(self, block: bool) -> None:
+        arrived = _drain(self.inbox)
+        if not arrived and block:
+            try:
+                arrived = [self.inbox.get(timeout=0.2)]
+            except queue.Empty:
+                return
+        for job in arrived:
+            self._fault(job)
+            if job.cancelled:  # gone before it started
+                self._finish(job, self.service.reply(job.admitted, Cancelled()))
+            else:
+                self.scheduler.add(job.admitted.request, job)
+
+    def _on_start(self, job: Job) -> None:
+        self.metrics.queue_time.observe(time.perf_counter() - job.admitted.received)
+
+    def _on_token(self, job: Job, token: int) -> bool:
+        if job.cancelled:
+            log.info("%s: the client went away; stopped after %d tokens", job.id, job.tokens)
+            return True
+        job.tokens += 1
+        now = time.perf_counter()
+        if job.first is None:
+            job.first = now
+            self.metrics.ttft.observe(now - job.admitted.received)
+        elif job.last is not None:
+            self.metrics.itl.observe(now - job.last)
+        job.last = now
+        if delta := job.text.push(token):
+            job.emit("delta", delta)
+        return False
+
+    def _finish(self, job: Job, reply: Reply) -> None:
+        with self.lock:
+            self.jobs.discard(job)
+        self.metrics.e2e.observe(time.perf_counter() - job.admitted.received)
+        if reply.error is not None:
+            self.metrics.error(reply.error.type)
+            job.emit("done", reply, "")
+            return
+        self.metrics.finished(
+            reply.finish_reason, reply.usage.prompt_tokens, reply.usage.completion_tokens
+        )
+        job.emit("done", reply, job.text.finish(reply.text))
+
+    def _fault(self, job: Job) -> None:
+        fault = self.settings.fault_generation_on
+        if fault and fault in job.admitted.request.text:
+            raise RuntimeError(f"fault injection: the generation thread dies on {fault!r}")
+
+
+def _drain(inbox: "queue.Queue[Job]") -> list[Job]:
+    jobs = []
+    while True:
+        try:
+            jobs.append(inbox.get_nowait())
+        except queue.Empty:
+            return jobs
+
+
+def _histogram_totals(histogram: Any) -> tuple[float, float]:
+    """(count, sum) of a prometheus_client histogram child."""
+    samples = {s.name: s.value for metric in histogram.collect() for s in metric.samples}
+    count = next((v for k, v in samples.items() if k.endswith("_count")), 0.0)
+    total = next((v for k, v in samples.items() if k.endswith("_sum")), 0.0)
+    return count, total
