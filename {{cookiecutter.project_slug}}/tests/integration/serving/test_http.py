@@ -368,3 +368,21 @@ def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_ones(tmp_path):
     assert (refused, ready) == (503, 503), raw
     assert json.loads(raw)["error"]["code"] == "draining"
     assert sorted(results) == [0, 1, 2, 3] and all(len("".join(d)) > 40 for d in results.values())
+
+
+def test_bench_loads_the_server_closed_and_open_loop(server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "Say hi."}\n{"messages": [{"role": "user", "content": "Hi!"}]}\n'
+    )
+    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench", "--url", f"{server.url}/v1"]
+    command += ["--concurrency", "1,2", "--rate", "4", "--prompts", str(prompts)]
+    command += ["--max-new-tokens", "6", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "http" / "http.json").read_text())
+    assert [r["mode"] for r in rows] == ["closed-1", "closed-2", "open-4rps"]
+    for r in rows:
+        assert r["inputs"] == 2 and r["errors"] == 0 and r["tokens_per_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["itl_p50_ms"] > 0
+    assert rows[0]["x_closed_1"] == 1.0 and "| closed-2 |" in done.stdout
