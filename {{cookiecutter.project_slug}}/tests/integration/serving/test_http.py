@@ -21,6 +21,7 @@ from ...conftest import PROJECT_ROOT, free_port
 
 pytestmark = pytest.mark.integration
 MODEL = "test-model"
+PACKAGE = "{{ cookiecutter.package_name }}"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who loves books."}]
 ENGINES = ["transformers"{% if cookiecutter.inference_backend == "ctranslate2" %}, "ctranslate2"{% endif %}]
@@ -38,7 +39,7 @@ class Server:
         env |= {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.items()}
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "{{ cookiecutter.package_name }}", "serve"],
+                [sys.executable, "-m", PACKAGE, "serve"],
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.ready_seen = self._await_ready()
@@ -375,7 +376,7 @@ def test_bench_loads_the_server_closed_and_open_loop(server, tmp_path):
     prompts.write_text(
         '{"prompt": "Say hi."}\n{"messages": [{"role": "user", "content": "Hi!"}]}\n'
     )
-    command = [sys.executable, "-m", "{{ cookiecutter.package_name }}", "bench", "--url", f"{server.url}/v1"]
+    command = [sys.executable, "-m", PACKAGE, "bench", "--url", f"{server.url}/v1"]
     command += ["--concurrency", "1,2", "--rate", "4", "--prompts", str(prompts)]
     command += ["--max-new-tokens", "6", "--out", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
