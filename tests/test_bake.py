@@ -230,6 +230,9 @@ def test_docker_compose_runs_the_broker_with_a_healthcheck_and_the_worker(projec
     assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert worker["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert worker["command"] == ["worker"]
+    gateway = compose["services"]["gateway"]
+    assert gateway["command"][0] == "serve" and "/ready" in gateway["healthcheck"]["test"][-1]
+    assert gateway["ports"] == ["127.0.0.1:8000:8000"] and gateway["build"] == worker["build"]
     dockerfile = (project / "Dockerfile").read_text()
     assert f'ENTRYPOINT ["{project.name}"]' in dockerfile
 

@@ -6,7 +6,9 @@ Imports neither torch nor transformers: tokenization is `tokenizers` alone (Chat
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ctranslate2
 import numpy as np
@@ -107,9 +109,7 @@ class CTranslate2Backend:
         params = group[0].params
         if not params.greedy and params.seed is not None:  # sampling_groups: it is alone
             return [self._sample_seeded(group[0], on_token)]
-        callback = None
-        if on_token is not None:
-            callback = lambda step: on_token(step.batch_id, step.token_id)  # noqa: E731
+        callback = None if on_token is None else _heard(group, on_token)
         results = self.generator.generate_batch(
             [self.tokenizer.convert_ids_to_tokens(r.token_ids) for r in group],
             max_length=max(r.params.max_new_tokens for r in group),
@@ -162,6 +162,22 @@ class CTranslate2Backend:
             prompt_tokens=len(request.token_ids),
             completion_tokens=len(ids),
         )
+
+
+def _heard(group: list[PreparedRequest], on_token: OnIndexToken) -> Callable[[Any], bool]:
+    """CTranslate2's per-token callback: each row's tokens go to `on_token` up to the row's own
+    max_new_tokens (the group decodes up to the largest), where decoding stops for that row."""
+    counts = [0] * len(group)
+
+    def callback(step: Any) -> bool:
+        row = step.batch_id
+        counts[row] += 1
+        limit = group[row].params.max_new_tokens
+        if counts[row] > limit:
+            return True
+        return bool(on_token(row, step.token_id)) or counts[row] >= limit
+
+    return callback
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -100,7 +100,12 @@ class InferenceService:
         continuous = self.continuous(settings)
         if continuous is not None:
             return continuous
-        return StaticStreamer(self.backend, settings.max_batch_size, settings.max_batch_tokens)
+        return StaticStreamer(
+            self.backend,
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+        )
 
     def run_continuous(
         self, batcher: "ContinuousBatcher[Any]", batch: Sequence[Admitted]

@@ -8,6 +8,7 @@ away): it leaves the batch and comes back from `step` as `Cancelled`.
 """
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -75,10 +76,14 @@ class StaticStreamer(Generic[T]):
     the engine can (`streams = True`: its `generate` takes `on_token`). The
     scheduler for an engine without step-level control, or `scheduling=static`."""
 
-    def __init__(self, backend: Any, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self, backend: Any, max_batch_size: int, max_batch_tokens: int, max_wait_s: float = 0.0
+    ) -> None:
         self.backend = backend
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_wait_s = max_wait_s
         self.waiting: deque[tuple[PreparedRequest, T]] = deque()
+        self.arrived: deque[float] = deque()
         self.running: list[tuple[PreparedRequest, T]] = []
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started
@@ -89,14 +94,24 @@ class StaticStreamer(Generic[T]):
 
     def add(self, request: PreparedRequest, tag: T) -> None:
         self.waiting.append((request, tag))
+        self.arrived.append(time.monotonic())
 
     def take_waiting(self) -> list[T]:
         tags = [tag for _, tag in self.waiting]
         self.waiting.clear()
+        self.arrived.clear()
         return tags
 
     def step(self) -> list[tuple[T, Completion | Exception]]:
-        """Run the next batch to completion; return each request with its result."""
+        """Run the next batch to completion; return each request with its result. The batch
+        starts once MAX_BATCH_SIZE requests wait or the oldest has waited `max_wait_s` (until
+        then this returns nothing after a short sleep: company for the batch may arrive)."""
+        if not self.waiting:
+            return []
+        due = self.arrived[0] + self.max_wait_s - time.monotonic()
+        if due > 0 and len(self.waiting) < self.max_batch_size:
+            time.sleep(min(due, 0.005))
+            return []
         batch: list[tuple[PreparedRequest, T]] = []
         longest = 0
         while self.waiting and len(batch) < self.max_batch_size:
@@ -104,9 +119,8 @@ class StaticStreamer(Generic[T]):
             if batch and (len(batch) + 1) * longest_after > self.max_batch_tokens:
                 break
             batch.append(self.waiting.popleft())
+            self.arrived.popleft()
             longest = longest_after
-        if not batch:
-            return []
         self.running = batch  # seen as running while it generates
         stopped: set[int] = set()
         for _, tag in batch:

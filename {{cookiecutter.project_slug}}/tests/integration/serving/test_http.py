@@ -34,6 +34,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"serve-{self.port}.log"
+        self.key = str(settings.get("api_key", ""))
         env = {**os.environ, f"{ENV_PREFIX}HTTP_PORT": str(self.port)}
         env[f"{ENV_PREFIX}SERVED_MODEL_NAME"] = MODEL
         env |= {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.items()}
@@ -70,9 +71,13 @@ class Server:
         answer = connection.getresponse()
         return answer.status, dict(answer.getheaders()), answer.read()
 
-    def post(self, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
+    def post(
+        self, path: str, body: dict, key: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
         headers = {"Content-Type": "application/json"}
+        if key or self.key:
+            headers["Authorization"] = f"Bearer {key or self.key}"
         connection.request("POST", path, json.dumps(body), headers)
         answer = connection.getresponse()
         return answer.status, dict(answer.getheaders()), answer.read()
@@ -155,6 +160,28 @@ def test_a_bad_request_is_a_bad_request_error(server, bad):
         server.client().chat.completions.create(**{"model": MODEL, "messages": QUESTION, **bad})
     error = raised.value.body
     assert error["type"] == "invalid_request_error" and error["message"] and error["code"]
+
+
+def test_concurrent_streams_keep_their_own_limits(server):
+    client = server.client()
+    expected = {
+        n: client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=n, temperature=0)
+        for n in (5, 40)
+    }
+    results: dict[int, str] = {}
+    threads = [
+        threading.Thread(
+            target=lambda n=n: results.__setitem__(n, stream_text(client, STORY, n)[0])
+        )
+        for n in (40, 5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for n, answer in expected.items():
+        assert results[n] == answer.choices[0].message.content
+        assert answer.usage.completion_tokens == n and answer.choices[0].finish_reason == "length"
 
 
 def test_an_unknown_model_is_404(server):
@@ -312,10 +339,15 @@ def test_metrics_parse_and_count_a_known_set_of_requests(server):
 
 
 def test_a_full_server_answers_429_with_retry_after_and_loses_nothing(tmp_path):
-    served = Server(tmp_path, max_batch_size=2, max_waiting=2)
+    served = Server(tmp_path, max_batch_size=2, max_waiting=2, api_key="s3cret-test-key")
     results: list[tuple[int, dict, bytes]] = []
     body = {"model": MODEL, "messages": STORY, "max_tokens": 24, "temperature": 0}
     try:
+        anonymous = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.chat.completions.create(model=MODEL, messages=QUESTION)
+        assert served.get("/health")[0] == 200  # only /v1/* asks for the key
+        assert "s3cret-test-key" not in served.log_path.read_text()
         threads = [
             threading.Thread(
                 target=lambda: results.append(served.post("/v1/chat/completions", body))
@@ -349,7 +381,7 @@ def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_ones(tmp_path):
     results: dict[int, list[str]] = {}
     threads = [
         threading.Thread(
-            target=lambda i=i: results.__setitem__(i, read_deltas(served, STORY, 32, None))
+            target=lambda i=i: results.__setitem__(i, read_deltas(served, STORY, 200, None))
         )
         for i in range(4)
     ]
@@ -360,7 +392,7 @@ def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_ones(tmp_path):
         assert time.monotonic() < deadline, served.log()
         time.sleep(0.05)
     served.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(0.1)  # its handler has run: 200 tokens take seconds on any engine
     refused, _, raw = served.post("/v1/chat/completions", {"model": MODEL, "messages": QUESTION})
     ready, _, _ = served.get("/ready")
     for thread in threads:

@@ -80,3 +80,26 @@ def test_seeded_sampling_is_reproducible_and_keeps_to_the_nucleus():
     many = {_sample(logits, 1.0, 0.8, np.random.default_rng(seed)) for seed in range(200)}
     assert many == {0, 1}  # 0.6 + 0.3 covers top_p=0.8: the tail is never drawn
     assert {_sample(logits, 1.0, 0.5, np.random.default_rng(s)) for s in range(50)} == {0}
+
+
+def test_the_token_callback_keeps_each_row_to_its_own_limit():
+    from types import SimpleNamespace
+
+    from {{ cookiecutter.package_name }}.engine.ct2 import _heard
+    from {{ cookiecutter.package_name }}.engine.prompts import (
+        GenerationParams,
+        PreparedRequest,
+    )
+
+    def prepared(limit: int) -> PreparedRequest:
+        return PreparedRequest("r", "", [1], GenerationParams(limit, 0.0, 1.0, None, ()))
+
+    heard: list[tuple[int, int]] = []
+    callback = _heard([prepared(2), prepared(5)], lambda row, token: heard.append((row, token)))
+    stops = [
+        callback(SimpleNamespace(batch_id=row, token_id=step))
+        for step in range(4)
+        for row in (0, 1)
+    ]
+    assert heard == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2), (1, 3)]  # row 0: two tokens only
+    assert stops == [False, False, True, False, True, False, True, False]

@@ -109,3 +109,19 @@ def test_static_batches_stream_and_stop_one_request():
     assert first["a"].text == "xyz" and isinstance(first["b"], Cancelled)
     assert heard["b"] == [ord("p")]  # stopped at its first token
     assert dict(streamer.step())["c"].text == "k" and not len(streamer)
+
+
+def test_a_static_batch_waits_for_company_up_to_max_wait():
+    import time
+
+    streamer = StaticStreamer(
+        Streaming(), max_batch_size=3, max_batch_tokens=10_000, max_wait_s=0.2
+    )
+    r = request(0, 1)
+    streamer.add(type(r)("a", "", [ord("x")], r.params), "a")
+    assert streamer.step() == [] and len(streamer.waiting) == 1  # alone, and not yet due
+    time.sleep(0.2)
+    assert [tag for tag, _ in streamer.step()] == ["a"]
+    for name in "bcd":
+        streamer.add(type(r)(name, "", [ord("x")], r.params), name)
+    assert [tag for tag, _ in streamer.step()] == ["b", "c", "d"]  # a full batch goes at once

@@ -43,6 +43,7 @@ class State:
     generation: Generation | None = None
     ready: bool = False
     draining: bool = False
+    admitting: int = 0  # requests between their first check and their submission
     created: int = field(default_factory=lambda: int(time.time()))
     version: str | None = None
 
@@ -73,7 +74,12 @@ def create_app(state: State, start: Callable[[], Awaitable[list[asyncio.Task]]])
     if state.settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=state.settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
     app.state.service = state
 
     @app.get("/health")
@@ -132,6 +138,14 @@ def _denied(state: State, http: Request) -> JSONResponse | None:
 async def complete(state: State, http: Request, endpoint: Endpoint) -> Response:
     if denied := _denied(state, http):
         return denied
+    state.admitting += 1  # a drain waits for it: it is answered, one way or the other
+    try:
+        return await _complete(state, http, endpoint)
+    finally:
+        state.admitting -= 1
+
+
+async def _complete(state: State, http: Request, endpoint: Endpoint) -> Response:
     generation = state.generation
     if state.draining or not state.ready or generation is None:
         why = "draining" if state.draining else "not_ready"
@@ -157,10 +171,14 @@ async def complete(state: State, http: Request, endpoint: Endpoint) -> Response:
     if isinstance(admitted, Reply):
         assert admitted.error is not None
         return fail(state, admitted.error.type, admitted.error.message)
+    if state.draining:  # it began to drain while this request was read
+        return fail(state, "draining", "the server is draining", 503, **{"Retry-After": "5"})
     try:
         job = generation.submit(admitted, asyncio.get_running_loop())
     except Full as exc:
         return fail(state, "server_full", str(exc), 429, **{"Retry-After": str(exc.retry_after)})
+    except RuntimeError as exc:  # the generation thread died: the watchdog is exiting
+        return fail(state, "generation_failed", str(exc), 503)
     if body.get("stream"):
         options = body.get("stream_options") or {}
         chunks = Chunks(request_id, endpoint, state.model_name, bool(options.get("include_usage")))

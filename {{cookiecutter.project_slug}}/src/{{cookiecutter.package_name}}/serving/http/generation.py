@@ -45,6 +45,7 @@ class Job:
     text: TextStream
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    internal: bool = False  # the warm-up: not in the metrics
     tokens: int = 0
     first: float | None = None
     last: float | None = None
@@ -69,6 +70,7 @@ class Generation:
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.lock = threading.Lock()
         self.jobs: set[Job] = set()  # accepted, not finished
+        self.started: set[Job] = set()  # of those, in the running batch
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
         eos = getattr(service.backend, "eos_ids", None)
@@ -77,17 +79,19 @@ class Generation:
 
     @property
     def waiting(self) -> int:
-        return max(0, len(self.jobs) - len(self.scheduler.running))
+        return max(0, len(self.jobs) - len(self.started))
 
-    def submit(self, admitted: Admitted, loop: asyncio.AbstractEventLoop) -> Job:
+    def submit(
+        self, admitted: Admitted, loop: asyncio.AbstractEventLoop, internal: bool = False
+    ) -> Job:
         """Queue a request; raise Full when a full batch runs and MAX_WAITING requests wait."""
-        if self.failure is not None or not self.thread.is_alive():
-            raise RuntimeError("the generation thread is not running")
-        with self.lock:
+        with self.lock:  # the thread's failure is set under it: no job is accepted after it
+            if self.failure is not None or not self.thread.is_alive():
+                raise RuntimeError("the generation thread is not running")
             if len(self.jobs) >= self.settings.max_batch_size + self.settings.max_waiting:
                 raise Full(self._retry_after())
             tokenizer, stops = self.service.backend.tokenizer, admitted.request.params.stop
-            job = Job(admitted, loop, TextStream(tokenizer, stops, self.eos_ids))
+            job = Job(admitted, loop, TextStream(tokenizer, stops, self.eos_ids), internal=internal)
             self.jobs.add(job)
         self.inbox.put(job)
         self.metrics.waiting.set(self.waiting)
@@ -109,14 +113,12 @@ class Generation:
                     self.metrics.batch_size.observe(size)
                 for job, result in done:
                     self._finish(job, self.service.reply(job.admitted, result))
-                self.metrics.running.set(len(self.scheduler.running))
-                self.metrics.waiting.set(self.waiting)
         except BaseException as exc:  # the server's watchdog exits with it
             log.critical("the generation thread died", exc_info=True)
-            self.failure = exc
             failed = RequestError("generation_failed", "the engine stopped")
             with self.lock:
-                jobs, self.jobs = list(self.jobs), set()
+                self.failure = exc
+                jobs, self.jobs, self.started = list(self.jobs), set(), set()
             for job in jobs:
                 job.emit("done", Reply.failure(job.admitted.request.id, failed), "")
 
@@ -135,27 +137,44 @@ class Generation:
                 self.scheduler.add(job.admitted.request, job)
 
     def _on_start(self, job: Job) -> None:
-        self.metrics.queue_time.observe(time.perf_counter() - job.admitted.received)
+        with self.lock:
+            self.started.add(job)
+        self._gauges()
+        if not job.internal:
+            self.metrics.queue_time.observe(time.perf_counter() - job.admitted.received)
 
     def _on_token(self, job: Job, token: int) -> bool:
+        """Hand the token's text to the request's task; True stops the request (its client left,
+        or its text could not be decoded: it alone ends, as cancelled)."""
         if job.cancelled:
             log.info("%s: the client went away; stopped after %d tokens", job.id, job.tokens)
             return True
         job.tokens += 1
         now = time.perf_counter()
-        if job.first is None:
-            job.first = now
-            self.metrics.ttft.observe(now - job.admitted.received)
-        elif job.last is not None:
-            self.metrics.itl.observe(now - job.last)
-        job.last = now
-        if delta := job.text.push(token):
+        if not job.internal:
+            if job.first is None:
+                self.metrics.ttft.observe(now - job.admitted.received)
+            elif job.last is not None:
+                self.metrics.itl.observe(now - job.last)
+        job.first, job.last = job.first or now, now
+        try:
+            delta = job.text.push(token)
+        except Exception:  # one request's text, not the batch
+            log.exception("%s: its text could not be decoded; it is stopped", job.id)
+            job.cancelled = True
+            return True
+        if delta:
             job.emit("delta", delta)
         return False
 
     def _finish(self, job: Job, reply: Reply) -> None:
         with self.lock:
             self.jobs.discard(job)
+            self.started.discard(job)
+        self._gauges()
+        if job.internal:
+            job.emit("done", reply, "")
+            return
         self.metrics.e2e.observe(time.perf_counter() - job.admitted.received)
         if reply.error is not None:
             self.metrics.error(reply.error.type)
@@ -165,6 +184,10 @@ class Generation:
             reply.finish_reason, reply.usage.prompt_tokens, reply.usage.completion_tokens
         )
         job.emit("done", reply, job.text.finish(reply.text))
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(len(self.started))
+        self.metrics.waiting.set(self.waiting)
 
     def _fault(self, job: Job) -> None:
         fault = self.settings.fault_generation_on

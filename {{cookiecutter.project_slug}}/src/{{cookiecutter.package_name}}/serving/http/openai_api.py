@@ -27,7 +27,12 @@ NEUTRAL: dict[str, object] = {
     "parallel_tool_calls": False,
     "logit_bias": {},
     "response_format": {"type": "text"},
+    # vLLM's and llama-server's extensions, which their clients send at these values
+    "top_k": -1,
+    "min_p": 0,
+    "repetition_penalty": 1,
 }
+ALSO_NEUTRAL = {"top_k": 0}
 IGNORED = {"user", "store", "metadata", "service_tier", "top_logprobs", "stream", "model"}
 OURS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop"}
 SPECIFIC = {"chat": {"messages", "stream_options"}, "completion": {"prompt", "stream_options"}}
@@ -44,7 +49,7 @@ def read_body(raw: bytes, endpoint: Endpoint, limits: Limits) -> dict[str, Any]:
     if unknown:
         raise RequestError("invalid_request", f"Unrecognized request argument: {unknown[0]}")
     for name, neutral in NEUTRAL.items():
-        if body.get(name) not in (None, neutral):
+        if body.get(name) not in (None, neutral, ALSO_NEUTRAL.get(name, neutral)):
             raise RequestError(
                 "unsupported", f"{name}={json.dumps(body[name])[:60]} is not supported here"
             )
@@ -66,7 +71,8 @@ def to_request(body: dict[str, Any], endpoint: Endpoint, request_id: str) -> dic
     else:
         request["prompt"] = _prompt(body.get("prompt"))
         request["chat_template"] = False
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    limit = body.get("max_tokens") if limit is None else limit
     for ours, value in (
         ("max_new_tokens", limit),
         ("temperature", body.get("temperature")),

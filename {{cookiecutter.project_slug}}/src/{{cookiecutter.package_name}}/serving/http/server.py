@@ -9,6 +9,7 @@ process exits with status 3 so that its supervisor restarts it.
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -36,8 +37,11 @@ class Server(uvicorn.Server):
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.state.draining or not self.state.ready:
-            self.should_exit = True  # a second signal, or nothing to drain yet
+        if not self.state.ready:  # nothing to drain; the model may still be loading
+            log.info("signal %d while loading: exiting", sig)
+            os._exit(128 + sig)
+        if self.state.draining:  # a second signal: now
+            self.should_exit = self.force_exit = True
             return
         log.info("signal %d: draining (at most %.0f s)", sig, self.state.settings.drain_timeout_s)
         self.state.draining = True
@@ -81,9 +85,12 @@ async def _load(state: State, load: Callable[[], InferenceService], server: Serv
         warmup = service.admit({"prompt": "Hi", "max_new_tokens": 1}, "warmup")
         if not hasattr(warmup, "request"):
             raise RuntimeError(f"the warm-up request was refused: {warmup}")
-        job = state.generation.submit(warmup, asyncio.get_running_loop())  # type: ignore[arg-type]
-        while (await job.events.get())[0] != "done":
+        loop = asyncio.get_running_loop()
+        job = state.generation.submit(warmup, loop, internal=True)  # type: ignore[arg-type]
+        while (event := await job.events.get())[0] != "done":
             pass
+        if event[1].error is not None:
+            raise RuntimeError(f"the warm-up request failed: {event[1].error.message}")
         log.info("ready: warm-up token in %.2f s", time.perf_counter() - started)
         state.ready = True
     except Exception as exc:  # noqa: BLE001 - one line, and the supervisor restarts us
@@ -102,7 +109,7 @@ async def _watch(state: State, server: Server) -> None:
             server.stop(EXIT_FAILED)
         elif state.draining:
             deadline = deadline or time.monotonic() + state.settings.drain_timeout_s
-            left = len(generation.jobs) if generation else 0
+            left = (len(generation.jobs) if generation else 0) + state.admitting
             if not left or time.monotonic() > deadline:
                 if left:
                     log.warning("drain timeout: %d requests were still in flight", left)
