@@ -419,3 +419,22 @@ def test_bench_loads_the_server_closed_and_open_loop(server, tmp_path):
         assert r["inputs"] == 2 and r["errors"] == 0 and r["tokens_per_s"] > 0
         assert 0 < r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["itl_p50_ms"] > 0
     assert rows[0]["x_closed_1"] == 1.0 and "| closed-2 |" in done.stdout
+
+
+def test_a_dead_generation_thread_fails_its_requests_and_exits_3(tmp_path):
+    marker = "KILL-THE-GENERATION-THREAD"
+    served = Server(tmp_path, fault_generation_on=marker)
+    try:
+        ok = served.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        assert ok.choices[0].message.content
+        status, _, raw = served.post(
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": marker}], "stream": True},
+        )
+        assert (
+            status == 200 and b'"code":"generation_failed"' in raw and raw.endswith(b"[DONE]\n\n")
+        )
+        assert served.process.wait(timeout=60) == 3, served.log()
+        assert "the generation thread died" in served.log()
+    finally:
+        served.stop()
