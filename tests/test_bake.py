@@ -82,6 +82,7 @@ BASE_FILES = {
     "src/{pkg}/serving/http/metrics.py",
     "src/{pkg}/serving/http/openai_api.py",
     "src/{pkg}/serving/http/server.py",
+    "src/{pkg}/serving/http/queue_gateway.py",
     "src/{pkg}/serving/queue/session.py",
     "src/{pkg}/serving/queue/submit.py",
     "src/{pkg}/serving/queue/topology.py",
@@ -113,6 +114,7 @@ BASE_FILES = {
     "tests/integration/lifecycle/test_precision.py",
     "tests/integration/serving/test_queue.py",
     "tests/integration/serving/test_http.py",
+    "tests/integration/serving/conftest.py",
     "tests/integration/lifecycle/test_tracking.py",
     "tests/unit/__init__.py",
     "tests/unit/chat_templates.py",
@@ -244,7 +246,8 @@ def test_docker_compose_runs_the_broker_with_a_healthcheck_and_the_worker(projec
     assert worker["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert worker["command"] == ["worker"]
     gateway = compose["services"]["gateway"]
-    assert gateway["command"][0] == "serve" and "/ready" in gateway["healthcheck"]["test"][-1]
+    assert gateway["command"][:2] == ["serve", "--via-queue"]
+    assert "/ready" in gateway["healthcheck"]["test"][-1]
     assert gateway["ports"] == ["127.0.0.1:8000:8000"] and gateway["build"] == worker["build"]
     dockerfile = (project / "Dockerfile").read_text()
     assert f'ENTRYPOINT ["{project.name}"]' in dockerfile

@@ -91,6 +91,9 @@ class Request(BaseModel):
     )
     # False: `prompt` goes to the model verbatim, as OpenAI's /v1/completions sends it.
     chat_template: bool = True
+    # True: a worker also publishes the text as it is decoded, as chunk messages to reply_to
+    # (`{"id", "offset", "delta"}`, AMQP type "chunk"), before the reply.
+    stream: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> "Request":

@@ -32,6 +32,7 @@ class PreparedRequest:
     text: str
     token_ids: list[int]
     params: GenerationParams
+    stream: bool = False  # its text is published as it is decoded (queue chunks)
 
     @property
     def tokens(self) -> int:
@@ -100,7 +101,7 @@ class PromptBuilder:
                 f"prompt has {len(token_ids)} tokens; with max_new_tokens={params.max_new_tokens} "
                 f"that is {needed}, over the context window of {self.context_window} tokens",
             )
-        return PreparedRequest(request.id, text, token_ids, params)
+        return PreparedRequest(request.id, text, token_ids, params, stream=request.stream)
 
 
 def resolve_params(request: Request, defaults: GenerationParams) -> GenerationParams:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import one_line
 from ..messages import Limits, Reply, RequestError, Usage, parse_request, request_id_of
 from ..settings import Settings
-from .backend import Backend, Cancelled, Completion
+from .backend import Backend, Cancelled, Completion, OnIndexToken
 from .batching import DynamicBatcher
 from .prompts import GenerationParams, PreparedRequest, PromptBuilder
 from .streaming import StaticStreamer
@@ -70,21 +70,30 @@ class InferenceService:
             log.exception("could not prepare request %s", request.id)
             return Reply.failure(request.id, _unexpected(exc))
 
-    def run(self, batch: Sequence[Admitted]) -> list[Reply]:
-        """Generate replies for one batch, in order.
+    def run(self, batch: Sequence[Admitted], on_token: OnIndexToken | None = None) -> list[Reply]:
+        """Generate replies for one batch, in order; an engine that streams (`streams`) calls
+        `on_token(index in batch, token id)` as it decodes.
 
         If the batch as a whole fails, each request is retried alone so that one request that
         breaks the engine gets an error reply and the others are still served.
         """
         prepared = [a.request for a in batch]
+        streaming = on_token is not None and getattr(self.backend, "streams", False)
         try:
-            completions = self.backend.generate(prepared)
+            if streaming:
+                completions = self.backend.generate(prepared, on_token=on_token)  # type: ignore[call-arg]
+            else:
+                completions = self.backend.generate(prepared)
         except Exception as exc:  # isolate the culprit below
             if len(batch) == 1:
                 log.exception("generation failed for request %s", prepared[0].id)
                 return [self.reply(batch[0], exc)]
             log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
-            return [reply for one in batch for reply in self.run([one])]
+            return [
+                reply
+                for i, one in enumerate(batch)
+                for reply in self.run([one], _shifted(on_token, i) if on_token else None)
+            ]
         return [self.reply(a, c) for a, c in zip(batch, completions, strict=True)]
 
     def continuous(self, settings: Settings) -> "ContinuousBatcher[Any] | None":
@@ -138,6 +147,11 @@ class InferenceService:
             ),
             latency_ms=_ms_since(admitted.received),
         )
+
+
+def _shifted(on_token: OnIndexToken, index: int) -> OnIndexToken:
+    """`on_token` for a request run alone that was at `index` in its batch."""
+    return lambda _, token: on_token(index, token)
 
 
 def limits_of(settings: Settings) -> Limits:

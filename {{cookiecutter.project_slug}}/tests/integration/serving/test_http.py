@@ -30,7 +30,7 @@ ENGINES = ["transformers"{% if cookiecutter.inference_backend == "ctranslate2" %
 class Server:
     """A `serve` process on a free port; `ready_seen` holds what /ready said while it started."""
 
-    def __init__(self, tmp: Path, **settings: object) -> None:
+    def __init__(self, tmp: Path, *args: str, **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"serve-{self.port}.log"
@@ -40,10 +40,14 @@ class Server:
         env |= {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.items()}
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", PACKAGE, "serve"],
+                [sys.executable, "-m", PACKAGE, "serve", *args],
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        self.ready_seen = self._await_ready()
+        try:
+            self.ready_seen = self._await_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _await_ready(self, timeout_s: float = 300.0) -> list[int]:
         seen: list[int] = []
@@ -338,8 +342,8 @@ def test_metrics_parse_and_count_a_known_set_of_requests(server):
     assert after[("vllm:num_requests_running", ())] == 0
 
 
-def test_a_full_server_answers_429_with_retry_after_and_loses_nothing(tmp_path):
-    served = Server(tmp_path, max_batch_size=2, max_waiting=2, api_key="s3cret-test-key")
+def test_a_full_server_answers_429_with_retry_after_and_loses_nothing(servers):
+    served = servers(max_batch_size=2, max_waiting=2, api_key="s3cret-test-key")
     results: list[tuple[int, dict, bytes]] = []
     body = {"model": MODEL, "messages": STORY, "max_tokens": 24, "temperature": 0}
     try:
@@ -376,8 +380,8 @@ def test_a_full_server_answers_429_with_retry_after_and_loses_nothing(tmp_path):
             assert reply["choices"][0]["message"]["content"]
 
 
-def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_ones(tmp_path):
-    served = Server(tmp_path, max_batch_size=8, drain_timeout_s=120)
+def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_ones(servers):
+    served = servers(max_batch_size=8, drain_timeout_s=120)
     results: dict[int, list[str]] = {}
     threads = [
         threading.Thread(
@@ -421,19 +425,39 @@ def test_bench_loads_the_server_closed_and_open_loop(server, tmp_path):
     assert rows[0]["x_closed_1"] == 1.0 and "| closed-2 |" in done.stdout
 
 
-def test_a_dead_generation_thread_fails_its_requests_and_exits_3(tmp_path):
+def test_a_dead_generation_thread_fails_its_requests_and_exits_3(servers):
     marker = "KILL-THE-GENERATION-THREAD"
-    served = Server(tmp_path, fault_generation_on=marker)
+    served = servers(fault_generation_on=marker)
+    pieces: list[str] = []
+    outcome: list[BaseException | None] = []
+
+    def stream() -> None:
+        try:
+            for chunk in served.client().chat.completions.create(
+                model=MODEL, messages=STORY, max_tokens=200, temperature=0, stream=True
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+            outcome.append(None)
+        except openai.APIError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=stream)
     try:
-        ok = served.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
-        assert ok.choices[0].message.content
+        reader.start()
+        deadline = time.monotonic() + 120
+        while len(pieces) < 3:  # a stream under way
+            assert time.monotonic() < deadline and reader.is_alive(), served.log()
+            time.sleep(0.01)
+        # Before any text, the death is the status; once streaming, an error event ends it.
         status, _, raw = served.post(
             "/v1/chat/completions",
             {"model": MODEL, "messages": [{"role": "user", "content": marker}], "stream": True},
         )
-        assert (
-            status == 200 and b'"code":"generation_failed"' in raw and raw.endswith(b"[DONE]\n\n")
-        )
+        assert status in (500, 503) and b'"code":"generation_failed"' in raw, (status, raw)
+        reader.join(timeout=60)
+        assert isinstance(outcome[0], openai.APIError), outcome
+        assert "generation thread" in str(outcome[0])
         assert served.process.wait(timeout=60) == 3, served.log()
         assert "the generation thread died" in served.log()
     finally:

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import openai
 import pika
 import pytest
 
@@ -31,6 +32,7 @@ from {{ cookiecutter.package_name }}.serving.queue.topology import (
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 from ...conftest import interrupt_halfway
+from .test_http import MODEL, QUESTION, STORY
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -677,3 +679,67 @@ def test_an_unreachable_broker_is_one_clear_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: RabbitMQ is unreachable at")
     assert "docker compose up -d rabbitmq" in result.stderr
     assert "secret-pw" not in result.stderr + result.stdout
+
+
+def test_the_openai_client_streams_through_the_gateway_from_a_worker(prefix, workers, servers):
+    workers(max_batch_size=8)
+    gateway = servers("--via-queue", queue_prefix=prefix, reply_timeout_s=120)
+    try:
+        client = gateway.client()
+        answer = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+        )
+        pieces = []
+        for chunk in client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=24, temperature=0, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+        text = "".join(pieces)
+        assert text == answer.choices[0].message.content and "Paris" in text
+        assert len(pieces) >= 4  # streamed as decoded, not as one reply
+        with pytest.raises(openai.BadRequestError):  # refused by the worker: a 400, not a stream
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**6)
+    finally:
+        gateway.stop()
+
+
+def test_a_worker_killed_mid_stream_ends_in_an_answer_or_an_error_never_a_hang(
+    prefix, workers, servers
+):
+    first = workers(max_batch_size=8)
+    gateway = servers("--via-queue", queue_prefix=prefix, reply_timeout_s=120)
+    client = gateway.client()
+    answer = client.chat.completions.create(
+        model=MODEL, messages=STORY, max_tokens=64, temperature=0
+    )
+    expected = answer.choices[0].message.content
+    pieces: list[str] = []
+    outcome: list[tuple[str, str]] = []
+
+    def stream() -> None:
+        try:
+            for chunk in client.chat.completions.create(
+                model=MODEL, messages=STORY, max_tokens=64, temperature=0, stream=True
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+            outcome.append(("answer", "".join(pieces)))
+        except openai.APIError as exc:
+            outcome.append(("error", str(exc)))
+
+    reader = threading.Thread(target=stream)
+    try:
+        reader.start()
+        deadline = time.monotonic() + 120
+        while len(pieces) < 3:
+            assert time.monotonic() < deadline and reader.is_alive(), gateway.log()
+            time.sleep(0.01)
+        first.stop(signal.SIGKILL)
+        workers(max_batch_size=8)  # the broker gives it the request again
+        reader.join(timeout=200)
+        assert not reader.is_alive(), "the stream hung"
+    finally:
+        gateway.stop()
+    ((kind, text),) = outcome
+    assert kind == "error" or text == expected, (kind, text)

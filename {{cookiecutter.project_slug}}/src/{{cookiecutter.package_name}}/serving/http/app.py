@@ -24,13 +24,14 @@ from starlette.concurrency import run_in_threadpool
 from ...engine.service import InferenceService, limits_of
 from ...messages import Reply, RequestError
 from ...settings import Settings
-from .generation import Full, Generation, Job
+from .generation import Full, Generation
 from .metrics import Metrics
 from .openai_api import Chunks, Endpoint, error_body, read_body, response, to_request
 
 log = logging.getLogger(__name__)
 REGISTRY_VERSION = re.compile(r"/registry/[^/]+/v(\d+)-")
-STATUS = {"model_not_found": 404, "not_ready": 503, "draining": 503, "generation_failed": 500}
+STATUS = {"model_not_found": 404, "not_ready": 503, "draining": 503, "generation_failed": 500,
+          "server_full": 429, "reply_timeout": 504}  # fmt: skip
 
 
 @dataclass
@@ -40,7 +41,7 @@ class State:
     settings: Settings
     metrics: Metrics
     model_name: str
-    generation: Generation | None = None
+    generation: Any = None  # a Generation, or a QueueGateway (`serve --via-queue`)
     ready: bool = False
     draining: bool = False
     admitting: int = 0  # requests between their first check and their submission
@@ -88,9 +89,9 @@ def create_app(state: State, start: Callable[[], Awaitable[list[asyncio.Task]]])
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if state.ready and not state.draining:
+        if state.ready and not state.draining and state.generation.ready:
             return JSONResponse({"status": "ready"})
-        status = "draining" if state.draining else "loading"
+        status = "draining" if state.draining else "loading" if not state.ready else "no engine"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")
@@ -167,7 +168,7 @@ async def _complete(state: State, http: Request, endpoint: Endpoint) -> Response
         ours = to_request(body, endpoint, request_id)
     except RequestError as exc:
         return fail(state, exc.kind, str(exc))
-    admitted = await run_in_threadpool(generation.service.admit, ours, request_id)
+    admitted = await run_in_threadpool(generation.admit, ours, request_id)
     if isinstance(admitted, Reply):
         assert admitted.error is not None
         return fail(state, admitted.error.type, admitted.error.message)
@@ -179,20 +180,25 @@ async def _complete(state: State, http: Request, endpoint: Endpoint) -> Response
         return fail(state, "server_full", str(exc), 429, **{"Retry-After": str(exc.retry_after)})
     except RuntimeError as exc:  # the generation thread died: the watchdog is exiting
         return fail(state, "generation_failed", str(exc), 503)
+    # The first event decides the status: an error before any text (a worker's refusal in
+    # queue mode) is an HTTP error, not a stream that fails.
+    event = await _next(job, http)
+    while event is not None and not body.get("stream") and event[0] != "done":
+        event = await _next(job, http)
+    if event is None:  # the client went away
+        return Response(status_code=499)
+    if event[0] == "done" and event[1].error is not None:
+        error = event[1].error
+        status = STATUS.get(error.type, 400)
+        return JSONResponse(error_body(error.type, error.message, status), status)
     if body.get("stream"):
         options = body.get("stream_options") or {}
         chunks = Chunks(request_id, endpoint, state.model_name, bool(options.get("include_usage")))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(
-            _stream(job, chunks), media_type="text/event-stream", headers=headers
+            _stream(job, chunks, event), media_type="text/event-stream", headers=headers
         )
-    reply = await _answer(job, http)
-    if reply is None:  # the client went away
-        return Response(status_code=499)
-    if reply.error is not None:
-        status = STATUS.get(reply.error.type, 400)
-        return JSONResponse(error_body(reply.error.type, reply.error.message, status), status)
-    return JSONResponse(response(reply, endpoint, state.model_name, int(time.time())))
+    return JSONResponse(response(event[1], endpoint, state.model_name, int(time.time())))
 
 
 async def _read(http: Request, limit: int) -> bytes:
@@ -210,29 +216,28 @@ async def _read(http: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _answer(job: Job, http: Request) -> Reply | None:
-    """The reply of a non-streamed request; None (and the request stopped) if its client left."""
+async def _next(job: Any, http: Request) -> tuple | None:
+    """The request's next event; None (and the request stopped) if its client left."""
     while True:
         try:
-            kind, *rest = await asyncio.wait_for(job.events.get(), timeout=1.0)
+            return await asyncio.wait_for(job.events.get(), timeout=1.0)
         except TimeoutError:
             if await http.is_disconnected():
                 job.cancelled = True
                 return None
-            continue
-        if kind == "done":
-            return rest[0]
 
 
-async def _stream(job: Job, chunks: Chunks) -> AsyncIterator[bytes]:
-    """The events of a streamed request; if the client goes away, its request stops."""
+async def _stream(job: Any, chunks: Chunks, event: tuple) -> AsyncIterator[bytes]:
+    """The events of a streamed request from `event` on; if the client goes away, its request
+    stops."""
     try:
         if first := chunks.first():
             yield first
         while True:
-            kind, *rest = await job.events.get()
+            kind, *rest = event
             if kind == "delta":
                 yield chunks.delta(rest[0])
+                event = await job.events.get()
                 continue
             reply, tail = rest
             if reply.error is not None:

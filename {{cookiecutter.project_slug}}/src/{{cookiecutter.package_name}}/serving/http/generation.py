@@ -77,6 +77,13 @@ class Generation:
         tokenizer = service.backend.tokenizer
         self.eos_ids = set(eos) if eos else {getattr(tokenizer, "eos_token_id", None)} - {None}
 
+    def admit(self, raw: dict[str, Any], request_id: str) -> Admitted | Reply:
+        return self.service.admit(raw, request_id)
+
+    @property
+    def ready(self) -> bool:
+        return self.failure is None
+
     @property
     def waiting(self) -> int:
         return max(0, len(self.jobs) - len(self.started))
@@ -115,7 +122,7 @@ class Generation:
                     self._finish(job, self.service.reply(job.admitted, result))
         except BaseException as exc:  # the server's watchdog exits with it
             log.critical("the generation thread died", exc_info=True)
-            failed = RequestError("generation_failed", "the engine stopped")
+            failed = RequestError("generation_failed", "the generation thread died; exiting")
             with self.lock:
                 self.failure = exc
                 jobs, self.jobs, self.started = list(self.jobs), set(), set()

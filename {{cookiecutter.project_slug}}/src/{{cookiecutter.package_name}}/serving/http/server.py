@@ -51,14 +51,22 @@ class Server(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings, load: Callable[[], InferenceService]) -> int:
-    """Run the API until drained or stopped; return the process's exit status."""
+def serve(settings: Settings, load: Callable[[], InferenceService] | None) -> int:
+    """Run the API until drained or stopped; return the process's exit status. With no `load`,
+    the requests go through RabbitMQ to the workers (`queue_gateway.py`)."""
     name = settings.served_model_name or settings.model
     state = State(settings, Metrics(name), name)
     server: Server | None = None
 
     async def start() -> list[asyncio.Task]:
         assert server is not None
+        if load is None:
+            from .queue_gateway import QueueGateway
+
+            state.generation = QueueGateway(settings, state.metrics)
+            state.generation.thread.start()
+            state.ready = True  # /ready also asks the gateway: connected, with a worker
+            return [asyncio.create_task(_watch(state, server))]
         return [
             asyncio.create_task(_load(state, load, server)),
             asyncio.create_task(_watch(state, server)),
@@ -105,7 +113,7 @@ async def _watch(state: State, server: Server) -> None:
         await asyncio.sleep(0.2)
         generation = state.generation
         if generation is not None and not generation.thread.is_alive():
-            log.critical("the generation thread died: exiting")
+            log.critical("the %s thread died: exiting", generation.thread.name)
             server.stop(EXIT_FAILED)
         elif state.draining:
             deadline = deadline or time.monotonic() + state.settings.drain_timeout_s

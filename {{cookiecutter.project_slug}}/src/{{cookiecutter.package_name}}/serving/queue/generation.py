@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ...engine.batching import DynamicBatcher
 from ...engine.service import InferenceService
+from ...engine.streaming import TextStream
 from ...messages import Reply
 from .session import Delivery, Session, drain
 
@@ -37,6 +38,7 @@ class Generation:
         self.abort = threading.Event()  # the session ends without finishing its batch
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._generate_loop, name="generation", daemon=True)
+        self.chunks = Chunks(session, service)
 
     def close(self) -> None:
         """Abort, and wait for the thread: never two batches of one model at once."""
@@ -76,7 +78,9 @@ class Generation:
                 if batch := batcher.pop_batch():
                     log.info("generating a batch of %d", len(batch))
                     started = time.perf_counter()
-                    replies = self.service.run([d.admitted for d in batch])
+                    heard = lambda i, token, batch=batch: self.chunks.token(batch[i], token)  # noqa: E731
+                    replies = self.service.run([d.admitted for d in batch], heard)
+                    self.chunks.done(batch)
                     log.info("batch of %d in %.2f s", len(batch), time.perf_counter() - started)
                     self.record(replies, None)
                     self.session.complete_soon(batch, replies)
@@ -87,6 +91,7 @@ class Generation:
         """Requests are acked one by one as they finish. Stopping takes no new ones: the running
         ones finish, the waiting ones are requeued."""
         log.info("continuous batching: up to %d requests decode together", batcher.max_batch_size)
+        batcher.on_token = self.chunks.token
         try:
             stopping = False
             while self._running():
@@ -111,7 +116,10 @@ class Generation:
                     for delivery in arrived:
                         self._fault(delivery)
                         batcher.add(delivery.admitted.request, delivery)
-                if done := batcher.step():  # recorded with how many requests decoded together
+                done = batcher.step()
+                self.chunks.flush()
+                if done:  # recorded with how many requests decoded together
+                    self.chunks.done([d for d, _ in done])
                     replies = [self.service.reply(d.admitted, result) for d, result in done]
                     self.record(replies, len(batcher.running) + len(done))
                     self.session.complete_soon([d for d, _ in done], replies)
@@ -122,3 +130,49 @@ class Generation:
         fault = self.settings.fault_generation_on
         if fault and fault in delivery.admitted.request.text:
             raise RuntimeError(f"fault injection: the generation thread dies on {fault!r}")
+
+
+class Chunks:
+    """The text of requests that asked to stream (`stream: true`), published to their reply_to
+    as it is decoded: grouped, at most every CHUNK_EVERY_S, on the connection's thread."""
+
+    CHUNK_EVERY_S = 0.02
+
+    def __init__(self, session: Session, service: InferenceService) -> None:
+        self.session, self.tokenizer = session, service.backend.tokenizer
+        eos = getattr(service.backend, "eos_ids", None)
+        self.eos_ids = set(eos) if eos else {getattr(self.tokenizer, "eos_token_id", None)} - {None}
+        self.texts: dict[int, TextStream] = {}  # by delivery tag
+        self.pending: list[tuple[Delivery, int, str]] = []
+        self.flushed = time.monotonic()
+        self.lock = threading.Lock()  # an engine may call back from a thread of its own
+
+    def token(self, delivery: Delivery, token: int) -> bool:
+        """Hear one decoded token; never stops the request (a worker serves it to the end)."""
+        if not delivery.admitted.request.stream:
+            return False
+        with self.lock:
+            text = self.texts.get(delivery.tag)
+            if text is None:
+                stops = delivery.admitted.request.params.stop
+                text = self.texts[delivery.tag] = TextStream(self.tokenizer, stops, self.eos_ids)
+            offset = len(text.sent)
+            if delta := text.push(token):
+                self.pending.append((delivery, offset, delta))
+        if time.monotonic() - self.flushed > self.CHUNK_EVERY_S:
+            self.flush()
+        return False
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        self.flushed = time.monotonic()
+        if pending:
+            self.session.stream_soon(pending)
+
+    def done(self, deliveries: list[Delivery]) -> None:
+        """Publish what is pending, and forget these requests (their replies complete the text)."""
+        self.flush()
+        with self.lock:
+            for delivery in deliveries:
+                self.texts.pop(delivery.tag, None)

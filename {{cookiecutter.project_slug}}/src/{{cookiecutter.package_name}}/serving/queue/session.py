@@ -4,6 +4,7 @@ A request is acked only after its reply is confirmed by the broker; one that can
 gets an error reply and is dead-lettered with why in its headers. All of it runs on the
 connection's thread, except `complete_soon`, which hands the work over to it."""
 
+import json
 import logging
 import queue
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from .topology import ERROR_MESSAGE_HEADER, ERROR_TYPE_HEADER, Names, copy_prope
 log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (AMQPConnectionError, AMQPChannelError, ConnectionError, OSError)
 PRIOR_DELIVERIES_HEADER = "x-prior-deliveries"
+CHUNK_TYPE = "chunk"  # the AMQP type of a streamed text chunk; replies have none
 
 
 class ConsumerCancelled(AMQPChannelError):
@@ -65,6 +67,7 @@ class Session:
         self.prefetch = settings.prefetch_count or 2 * settings.max_batch_size
         self.probing = True
         self.channel.confirm_delivery()
+        self.chunk_channel: Any = None  # opened on the first streamed chunk
         self.channel.add_on_cancel_callback(self._on_cancelled)
         self._consume(1)
 
@@ -94,6 +97,26 @@ class Session:
             self.connection.add_callback_threadsafe(lambda: self._complete(deliveries, replies))
         except CONNECTION_ERRORS:  # the connection died: the broker redelivers these requests
             log.warning("connection closed before replies could be sent; they will be redelivered")
+
+    def stream_soon(self, chunks: list[tuple[Delivery, int, str]]) -> None:
+        """From the generation thread: publish text chunks (delivery, offset, delta) on the
+        connection's thread. Best effort: the reply, confirmed, holds the whole text."""
+        try:
+            self.connection.add_callback_threadsafe(lambda: self._stream(chunks))
+        except CONNECTION_ERRORS:
+            pass  # the requests go back to the queue; their replies will hold the text
+
+    def _stream(self, chunks: list[tuple[Delivery, int, str]]) -> None:
+        if self.chunk_channel is None:  # no publisher confirms: a chunk waits for nothing
+            self.chunk_channel = self.connection.channel()
+        for delivery, offset, delta in chunks:
+            body = {"id": delivery.admitted.request.id, "offset": offset, "delta": delta}
+            properties = pika.BasicProperties(
+                type=CHUNK_TYPE,
+                content_type="application/json",
+                correlation_id=delivery.correlation_id or None,
+            )
+            self.chunk_channel.basic_publish("", delivery.reply_to, json.dumps(body), properties)
 
     def _consume(self, prefetch: int) -> None:
         self.channel.basic_qos(prefetch_count=prefetch)
