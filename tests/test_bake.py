@@ -363,3 +363,8 @@ def test_hostile_answers_are_rendered_as_literals_and_never_run(bake, default_an
     assert meta["description"] == HOSTILE_ANSWERS["description"]
     assert meta["authors"][0]["name"] == HOSTILE_ANSWERS["author_name"]
     assert not list(project.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
+
+
+def test_the_docker_build_context_leaves_out_models_secrets_and_history(project):
+    ignored = set((project / ".dockerignore").read_text().split())
+    assert {".git", ".env", ".venv", "mlruns", "mlartifacts", "out"} <= ignored
