@@ -55,10 +55,15 @@ class Job:
         return str(self.admitted.request.id)
 
     def emit(self, *item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop closed: the server is gone
-            pass
+        emit(self, item)
+
+
+def emit(job: "Job | Any", item: tuple) -> None:
+    """Hand an event to the request's task, from any thread (of a Job or a queue gateway job)."""
+    try:
+        job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+    except RuntimeError:  # the loop closed: the server is gone
+        pass
 
 
 class Generation:

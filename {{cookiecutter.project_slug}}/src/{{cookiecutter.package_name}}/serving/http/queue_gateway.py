@@ -29,7 +29,7 @@ from ...messages import Reply, Request, RequestError, parse_request
 from ...settings import Settings, redact_url
 from ..queue.session import CHUNK_TYPE, CONNECTION_ERRORS
 from ..queue.topology import Names, connection_parameters, declare, declare_reply_queue, options_for
-from .generation import Full
+from .generation import Full, emit
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ class QueueJob:
     deadline: float = 0.0
 
     def emit(self, *item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop closed: the server is gone
-            pass
+        emit(self, item)
 
 
 class QueueGateway:
@@ -183,7 +180,7 @@ class QueueGateway:
     def _chunk(self, job: QueueJob, offset: int, delta: str) -> None:
         """Forward what is new in a chunk; a repeat (a redelivered request) that disagrees with
         what was sent ends the request."""
-        if offset > len(job.sent) or offset + len(delta) <= len(job.sent):
+        if not 0 <= offset <= len(job.sent) or offset + len(delta) <= len(job.sent):
             return  # a gap (the reply will fill it) or old news
         overlap = job.sent[offset:]
         if not delta.startswith(overlap):
