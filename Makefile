@@ -9,10 +9,15 @@ DEMO ?= build/demo
 
 .PHONY: env test demo lint clean
 
-env: $(ENV)/.stamp
+# Rebuilt when the test tools or the rendered project's dependencies change: keyed on their
+# content, not their mtime, which a fresh clone (CI) always makes newer than any stamp.
+DEPS_HASH := $(shell cat tests/requirements.txt '{{cookiecutter.project_slug}}/pyproject.toml' | sha256sum | cut -c1-16)
+STAMP := $(ENV)/.stamp-$(DEPS_HASH)
 
-# Rebuilt when the test tools or the rendered project's dependencies change.
-$(ENV)/.stamp: tests/requirements.txt {{cookiecutter.project_slug}}/pyproject.toml
+env: $(STAMP)
+
+$(STAMP):
+	rm -f $(ENV)/.stamp*
 	$(PYTHON) -m venv $(ENV)
 	$(ENV)/bin/python -m pip install --quiet --upgrade pip
 	$(ENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
