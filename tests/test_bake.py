@@ -266,7 +266,7 @@ def test_docker_compose_has_the_mlflow_server_and_the_stores_the_options_ask_for
     environment = " ".join(f"{k}={v}" for k, v in mlflow["environment"].items())
     stores = {
         "mysql": answers["tracking_backend"] == "mysql",
-        "minio": answers["artifact_store"] == "s3",
+        "s3": answers["artifact_store"] == "s3",
     }
     for store, wanted in stores.items():
         assert (store in services) == wanted, f"{store} service: expected {wanted}"
@@ -274,7 +274,7 @@ def test_docker_compose_has_the_mlflow_server_and_the_stores_the_options_ask_for
             assert services[store]["healthcheck"]["test"]
             assert mlflow["depends_on"][store]["condition"] == "service_healthy"
     assert ("mysql+pymysql://" in environment) == stores["mysql"]
-    assert ("MLFLOW_S3_ENDPOINT_URL=http://minio:9000" in environment) == stores["minio"]
+    assert ("MLFLOW_S3_ENDPOINT_URL=http://s3:8333" in environment) == stores["s3"]
 
 
 def test_the_package_imports_and_its_cli_answers_help(project):

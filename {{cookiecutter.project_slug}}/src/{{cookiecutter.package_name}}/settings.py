@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     # May hold a password: from the environment or .env only, and never logged.
     mlflow_backend_store_uri: str | None = DEFAULT_MLFLOW_BACKEND_STORE
     mlflow_artifacts_destination: str | None = DEFAULT_MLFLOW_ARTIFACTS
-    # Any S3-compatible endpoint (MinIO, moto); None = AWS. Credentials: the usual AWS_*
+    # Any S3-compatible endpoint (SeaweedFS, MinIO, moto); None = AWS. Credentials: the usual AWS_*
     # variables, needed by the server (and `artifacts push/pull`), never by MLflow clients.
     s3_endpoint_url: str | None = Field(
         default=None,

@@ -3,18 +3,40 @@
 import json
 import os
 import uuid
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 from mlflow import MlflowClient
 
-from {{ cookiecutter.package_name }}.settings import DEFAULT_QUEUE_PREFIX, ENV_PREFIX
+from {{ cookiecutter.package_name }}.settings import (
+    DEFAULT_QUEUE_PREFIX,
+    ENV_PREFIX,
+    redact_url,
+)
 
+from ...conftest import PROJECT_ROOT
 from .test_tracking import QUESTIONS, check_batch_run, cli, write_questions
 
 pytestmark = [pytest.mark.integration, pytest.mark.mysql]
-# Where the tests' MySQL (or MariaDB) is; the database itself is made per test run.
-SERVER_URL = os.environ.get("TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306")
+
+
+def server_url() -> str:
+    """Where the tests' MySQL (or MariaDB) is; the database itself is made per test run.
+
+    TEST_MYSQL_URL, else root at 127.0.0.1:3306 with `MYSQL_ROOT_PASSWORD` from the environment
+    or .env (as `docker compose up -d mysql` runs it), else root with no password (CI's service).
+    """
+    if url := os.environ.get("TEST_MYSQL_URL"):
+        return url
+    from dotenv import dotenv_values
+
+    dotenv = dotenv_values(PROJECT_ROOT / ".env")
+    password = os.environ.get("MYSQL_ROOT_PASSWORD") or dotenv.get("MYSQL_ROOT_PASSWORD")
+    credentials = f"root:{quote(password, safe='')}" if password else "root"
+    return f"mysql+pymysql://{credentials}@127.0.0.1:3306"
+
+
+SERVER_URL = server_url()
 
 
 def connect(database: str | None = None):
@@ -23,7 +45,7 @@ def connect(database: str | None = None):
     parts = urlsplit(SERVER_URL)
     return pymysql.connect(
         host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
-        password=parts.password or "", database=database, connect_timeout=5,
+        password=unquote(parts.password or ""), database=database, connect_timeout=5,
     )  # fmt: skip
 
 
@@ -35,8 +57,9 @@ def mysql_database():
     try:
         connect().close()
     except pymysql.MySQLError as exc:
-        message = f"MySQL is unreachable at {SERVER_URL} ({exc.args[-1]}); start it with " + (
-            "`docker compose up -d mysql`"
+        message = (
+            f"MySQL is unreachable at {redact_url(SERVER_URL)} ({exc.args[-1]}); start it with "
+            "`docker compose up -d mysql` (MYSQL_ROOT_PASSWORD in .env) or set TEST_MYSQL_URL"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
