@@ -35,6 +35,7 @@ CHOICES = {
     "tracking_backend": {"sqlite", "mysql"},
     "artifact_store": {"local", "s3"},
     "include_finetuning": {"yes", "no"},
+    "license": {"MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"},
     "quantization": {
         "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
         "int8_float16", "bfloat16",

@@ -18,6 +18,7 @@ CODE_AXES: dict[str, list[str]] = {
 }
 VALUE_AXES: dict[str, list[str]] = {
     "python_version": ["3.11", "3.12", "3.13"],
+    "license": ["MIT", "Apache-2.0", "BSD-3-Clause", "Proprietary"],
     "quantization": [
         "auto", "int8", "int8_float32", "int16", "int8_weights", "float32", "float16",
         "int8_float16", "bfloat16",

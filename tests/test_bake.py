@@ -19,7 +19,8 @@ from combinations import (
 from conftest import assert_all_ran, package_of, project_env
 
 COMBINATIONS = all_combinations()
-UNRENDERED = re.compile(r"\{\{|\{%|cookiecutter\.")
+# (A GitHub Actions expression, `${{ ... }}`, is not template syntax.)
+UNRENDERED = re.compile(r"(?<!\$)\{\{|\{%|cookiecutter\.")
 RUFF = [sys.executable, "-m", "ruff"]
 
 BASE_FILES = {
@@ -30,6 +31,7 @@ BASE_FILES = {
     ".env.example",
     ".github/workflows/ci.yml",
     ".gitignore",
+    "LICENSE",
     "Makefile",
     "README.md",
     "data/bench_prompts.jsonl",
@@ -330,6 +332,36 @@ def test_the_answers_are_recorded_for_re_rendering(bake, default_answers):
     assert recorded["project_slug"] == "llm-service"
     assert recorded["model_id"] == "bundled:SmolLM2-135M-Instruct"
     assert "_output_dir" not in recorded
+
+
+@pytest.mark.parametrize(
+    ("license", "first_line"),
+    [
+        ("MIT", "MIT License"),
+        ("Apache-2.0", "Apache License"),
+        ("BSD-3-Clause", "BSD 3-Clause License"),
+        ("Proprietary", "Copyright (c) "),
+    ],
+)
+def test_the_license_answer_is_the_license_file_and_the_package_metadata(
+    license, first_line, bake, default_answers
+):
+    import datetime
+    import tomllib
+
+    project = bake(default_answers | AWKWARD_NAMES | {"license": license})
+    text = (project / "LICENSE").read_text()
+    assert text.strip().startswith(first_line) and "{" not in text
+    year = str(datetime.datetime.now(datetime.UTC).year)
+    assert (
+        license == "Apache-2.0"
+        or f"{year}{',' if license.startswith('BSD') else ''} " + (AWKWARD_NAMES["author_name"])
+        in text
+    )
+    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == (license if license != "Proprietary" else "LicenseRef-Proprietary")
+    assert meta["license-files"] == ["LICENSE"]
+    assert ("Private :: Do Not Upload" in meta.get("classifiers", [])) == (license == "Proprietary")
 
 
 def test_the_model_answer_becomes_the_default_setting(bake, default_answers):
