@@ -26,6 +26,9 @@ RUFF = [sys.executable, "-m", "ruff"]
 BASE_FILES = {
     ".cookiecutter.json",
     ".dockerignore",
+    ".editorconfig",
+    ".pre-commit-config.yaml",
+    ".github/dependabot.yml",
     "Dockerfile",
     "docker-compose.yml",
     ".env.example",
@@ -71,6 +74,7 @@ BASE_FILES = {
     "src/{pkg}/lifecycle/registry.py",
     "src/{pkg}/lifecycle/sources.py",
     "src/{pkg}/lifecycle/tracking.py",
+    "src/{pkg}/lifecycle/wheels.py",
     "src/{pkg}/serving/__init__.py",
     "src/{pkg}/serving/batch_job.py",
     "src/{pkg}/serving/replies.py",
@@ -100,6 +104,8 @@ BASE_FILES = {
     "src/{pkg}/cli/models.py",
     "src/{pkg}/cli/serve.py",
     "src/{pkg}/cli/api.py",
+    "src/{pkg}/cli/config.py",
+    "src/{pkg}/py.typed",
     "tests/__init__.py",
     "tests/conftest.py",
     "tests/integration/__init__.py",
@@ -132,6 +138,7 @@ BASE_FILES = {
     "tests/unit/test_layers.py",
     "tests/unit/test_settings.py",
     "tests/unit/lifecycle/test_tracking.py",
+    "tests/unit/lifecycle/test_wheels.py",
 }
 
 

@@ -48,6 +48,8 @@ def tool(name: str, *args: str, cwd: Path) -> None:
         ["zizmor", "--offline", WORKFLOW],
         ["check-jsonschema", "--builtin-schema", "vendor.github-workflows", WORKFLOW],
         ["check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+        ["check-jsonschema", "--builtin-schema", "vendor.dependabot", ".github/dependabot.yml"],
+        ["pre-commit", "validate-config", ".pre-commit-config.yaml"],
     ],
     ids=lambda c: c[0] + ("-" + c[2].split(".")[-1] if c[0] == "check-jsonschema" else ""),
 )  # fmt: skip
@@ -167,3 +169,19 @@ def test_the_workflow_starts_exactly_the_services_its_options_need(shipped):
         assert re.search(r"@[0-9a-f]{40}  # v\d+\.\d+\.\d+$", line), f"no version comment: {line}"
     checkout = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["persist-credentials"] is False
+
+
+def test_the_pre_commit_hooks_install_and_pass_on_a_fresh_repository(bake, tmp_path):
+    """Each hook's environment is built from PyPI (cached in ~/.cache/pre-commit) and run on
+    every file of the fullest bake. mypy, which needs the project's venv, is tested on its own
+    (tests/test_structure.py)."""
+    project = tmp_path / "project"
+    shutil.copytree(bake(FULLEST), project)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    result = subprocess.run(
+        [str(BIN / "pre-commit"), "run", "--all-files"], cwd=project, capture_output=True,
+        text=True, timeout=600, env=os.environ | {"SKIP": "mypy"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.count("Passed") == 5, result.stdout

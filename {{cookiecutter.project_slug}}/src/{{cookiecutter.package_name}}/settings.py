@@ -1,6 +1,9 @@
 """Every setting in one place: defaults that work offline, overridable by environment or `.env`."""
 
+import difflib
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -228,3 +231,48 @@ def load_settings(**overrides: object) -> Settings:
         found = re.search(r'field "(\w+)"', str(exc))
         name = f"{ENV_PREFIX}{found.group(1).upper()}" if found else "a setting"
         raise SettingsError(f"invalid settings: {name}: {one_line(exc)}") from None
+
+
+def setting_names() -> dict[str, str]:
+    """Every variable a setting reads (`<PREFIX>_FIELD` and its aliases) -> the field's name."""
+    names: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        names[f"{ENV_PREFIX}{name.upper()}"] = name
+        if isinstance(field.validation_alias, AliasChoices):
+            names |= dict.fromkeys(map(str, field.validation_alias.choices), name)
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], dotenv: Path = Path(".env")) -> list[str]:
+    """`<PREFIX>_*` variables, in the environment or `.env`, that no setting reads: a typo is
+    silently ignored otherwise. Each comes with the closest setting, if one is close."""
+    known = setting_names()
+    seen = set(environ)
+    if dotenv.is_file():
+        from dotenv import dotenv_values
+
+        seen |= set(dotenv_values(dotenv))
+    ours = [n.removeprefix(ENV_PREFIX) for n in known if n.startswith(ENV_PREFIX)]
+    problems = []
+    for name in sorted(n for n in seen if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), ours, n=1, cutoff=0.8)
+        problems.append(name + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""))
+    return problems
+
+
+def effective_settings(settings: Settings) -> list[tuple[str, str]]:
+    """(variable, value) of every setting as the process sees it, secrets masked: a SecretStr
+    shows `***` and a URL its user without the password. For `config show`."""
+    shown = []
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            text = "***"
+        elif value is None:
+            text = ""
+        elif isinstance(value, list):
+            text = json.dumps(value)
+        else:
+            text = redact_url(str(value)) if "://" in str(value) else str(value)
+        shown.append((f"{ENV_PREFIX}{name.upper()}", text))
+    return shown

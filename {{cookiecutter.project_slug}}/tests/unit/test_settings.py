@@ -8,7 +8,9 @@ from {{ cookiecutter.package_name }}.settings import (
     ENV_PREFIX,
     Settings,
     SettingsError,
+    effective_settings,
     load_settings,
+    unknown_variables,
 )
 
 
@@ -106,3 +108,50 @@ def test_every_setting_refuses_a_bad_value_in_one_line_naming_it(name, monkeypat
         load_settings()
     message = str(caught.value)
     assert f"{ENV_PREFIX}{name.upper()}" in message and "\n" not in message
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_for(tmp_path):
+    environ = {
+        f"{ENV_PREFIX}MAX_BATCH_SIZ": "4",  # a typo
+        f"{ENV_PREFIX}MAX_BATCH_SIZE": "4",
+        f"{ENV_PREFIX}TRACKING_URI": "http://x",  # a setting's alias
+        "MLFLOW_TRACKING_URI": "http://x",  # another prefix: not ours to judge
+    }
+    (tmp_path / ".env").write_text(f"{ENV_PREFIX}ZZZ_NOTHING_LIKE_IT=1\n")
+    assert unknown_variables(environ, tmp_path / ".env") == [
+        f"{ENV_PREFIX}MAX_BATCH_SIZ (did you mean {ENV_PREFIX}MAX_BATCH_SIZE?)",
+        f"{ENV_PREFIX}ZZZ_NOTHING_LIKE_IT",
+    ]
+    assert unknown_variables({f"{ENV_PREFIX}MODEL": "x"}, tmp_path / "absent") == []
+
+
+def test_the_effective_settings_mask_every_secret(monkeypatch):
+    monkeypatch.setenv(f"{ENV_PREFIX}API_KEY", "sk-very-secret-4711")
+    monkeypatch.setenv(f"{ENV_PREFIX}RABBITMQ_URL", "amqp://app:rabbit-pw-4711@broker:5672/%2F")
+    shown = dict(effective_settings(load_settings()))
+    assert len(shown) == len(Settings.model_fields)
+    assert shown[f"{ENV_PREFIX}API_KEY"] == "***"
+    assert shown[f"{ENV_PREFIX}RABBITMQ_URL"] == "amqp://app:***@broker:5672/%2F"
+    assert "4711" not in repr(shown)
+
+
+def test_config_show_prints_the_settings_and_warns_of_unknown_variables(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    package = "{{ cookiecutter.package_name }}"
+    env = os.environ | {
+        f"{ENV_PREFIX}API_KEY": "sk-very-secret-4711",
+        f"{ENV_PREFIX}MAX_NEW_TOKEN": "8",
+        f"{ENV_PREFIX}MAX_NEW_TOKENS": "9",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", package, "config", "show"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{ENV_PREFIX}MAX_NEW_TOKENS=9\n" in result.stdout
+    assert f"{ENV_PREFIX}API_KEY=***\n" in result.stdout and "4711" not in result.stdout
+    assert f"unknown setting {ENV_PREFIX}MAX_NEW_TOKEN (did you mean" in result.stderr

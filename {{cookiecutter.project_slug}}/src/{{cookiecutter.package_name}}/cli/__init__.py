@@ -1,14 +1,15 @@
 """The command line: one module per command group, each a thin layer over the package.
 
 `app.py` holds the command tree and what commands share; `models.py` the model lifecycle,
-`serve.py` the queue and batch surfaces, `api.py` the HTTP API,
+`serve.py` the queue and batch surfaces, `api.py` the HTTP API, `config.py` `config show`,
 `bench.py` the benchmark{% if cookiecutter.include_finetuning == "yes" %}, `finetune.py` LoRA fine-tuning{% endif %}.
 `main` is the console entry point: an error a user can fix is one line on stderr, exit code 2.
 """
 
 from ..cli import (
     api,
-    bench{% if cookiecutter.include_finetuning == "yes" %},
+    bench,
+    config{% if cookiecutter.include_finetuning == "yes" %},
     finetune{% endif %},
     models,
     serve,
@@ -22,7 +23,7 @@ from ..serving.replies import OutputError
 from ..settings import SettingsError
 from .app import app
 
-__all__ = ["api", "app", "bench"{% if cookiecutter.include_finetuning == "yes" %}, "finetune"{% endif %}, "main", "models", "serve"]
+__all__ = ["api", "app", "bench", "config"{% if cookiecutter.include_finetuning == "yes" %}, "finetune"{% endif %}, "main", "models", "serve"]
 
 # Errors a user can fix: printed as one line, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (

