@@ -3,6 +3,8 @@ and no trace of an engine the options left out."""
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,19 @@ def test_no_command_function_is_over_40_lines(combo, bake):
                 if count > MAX_COMMAND_LINES:
                     long.append(f"cli/{path.name}:{node.lineno} {node.name}: {count} lines")
     assert long == []
+
+
+@pytest.mark.parametrize("code", CODE_BAKES, ids=combo_id)
+def test_mypy_is_clean(code, bake, tmp_path_factory):
+    """mypy, as `make lint` runs it (its config is the bake's pyproject.toml), finds nothing.
+    One cache for every bake: the modules they share are checked once."""
+    project = bake(code)
+    cache = tmp_path_factory.getbasetemp() / "mypy-cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(cache)],
+        cwd=project, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("combo", DOC_BAKES, ids=combo_id)

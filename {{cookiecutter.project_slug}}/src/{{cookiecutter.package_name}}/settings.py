@@ -5,7 +5,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
@@ -215,7 +215,7 @@ class SettingsError(ValueError):
     """A setting has an invalid value; the message names it in one line."""
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:  # values of any type: pydantic checks them
     """Return the settings from defaults, `.env`, the environment and `overrides`.
 
     Raises SettingsError with one line per bad field instead of pydantic's long report.

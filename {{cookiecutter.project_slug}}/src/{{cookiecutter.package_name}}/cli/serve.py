@@ -40,7 +40,12 @@ def generate(
     from ..lifecycle.loading import answer_one, pipeline_answer
 
     settings = load_settings(system_prompt=system)
-    raw = {"id": "cli", "prompt": prompt, "max_new_tokens": max_new_tokens, "stop": stop or []}
+    raw: dict[str, object] = {
+        "id": "cli",
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens,
+        "stop": stop or [],
+    }
     raw |= {"temperature": temperature, "top_p": top_p, "seed": seed}
     raw = {k: v for k, v in raw.items() if v is not None}
     if pipeline:
@@ -117,7 +122,12 @@ def worker() -> None:
             return
 {%- endif %}
         served = Worker(load_service(settings), settings)
-        threading.Thread(target=lambda: (stopping.wait(), served.stop()), daemon=True).start()
+
+        def stop_when_asked() -> None:
+            stopping.wait()
+            served.stop()
+
+        threading.Thread(target=stop_when_asked, daemon=True).start()
         run_tracked(served)
     except WorkerFailed as exc:  # exit non-zero: the supervisor restarts a fresh worker
         fail(f"{exc}; exiting so that the worker is restarted", EXIT_FAILED)

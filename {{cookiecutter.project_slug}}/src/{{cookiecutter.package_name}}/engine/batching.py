@@ -99,6 +99,7 @@ class DynamicBatcher(Generic[T]):
                 below is not None and oldest.tokens - below.tokens <= above.tokens - oldest.tokens
             )
             candidate = below if take_below else above
+            assert candidate is not None  # not both None: that broke out above
             if padded_cost([*ordered[lo:hi], candidate]) > self.max_batch_tokens:
                 break
             lo, hi = (lo - 1, hi) if take_below else (lo, hi + 1)

@@ -17,7 +17,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ class ContinuousBatcher(Generic[T]):
                 break
             joining.append(self.waiting.popleft())
             longest = longest_after
-        prefilled, failed = [], []
+        prefilled = []
+        failed: list[tuple[T, Completion | Exception]] = []
         for row in joining:
             self.on_start(row.tag)
             try:
@@ -152,8 +153,8 @@ class ContinuousBatcher(Generic[T]):
             masks.insert(0, self._mask)
         length = max(mask.shape[1] for mask in masks)
         merged = caches[0]
-        for i, layer in enumerate(merged.layers):
-            others = [cache.layers[i] for cache in caches]
+        for i, layer in enumerate(_filled(merged)):
+            others = [_filled(cache)[i] for cache in caches]
             layer.keys = torch.cat([_pad_left(other.keys, length) for other in others])
             layer.values = torch.cat([_pad_left(other.values, length) for other in others])
         self._cache = merged
@@ -236,10 +237,22 @@ class ContinuousBatcher(Generic[T]):
         self._mask = self._mask.index_select(0, index)
         start = int(self._mask.any(dim=0).nonzero()[0])  # columns before it are padding only
         self._mask = self._mask[:, start:]
-        for layer in self._cache.layers:
+        for layer in _filled(self._cache):
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         return done
+
+
+class _FilledLayer(Protocol):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _filled(cache: DynamicCache) -> list[_FilledLayer]:
+    """The cache's layers, whose keys and values the prefill has set. transformers types a layer
+    as a union that includes linear-attention layers (which have none) and its keys and values
+    as Optional; the models served here have attention layers only."""
+    return cast(list[_FilledLayer], cache.layers)
 
 
 def _sample(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:

@@ -2,7 +2,7 @@
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import (
@@ -55,7 +55,8 @@ class TransformersBackend:
             )
         except Exception as exc:  # noqa: BLE001 - a broken model directory is one clear line
             raise ModelSourceError(f"cannot load the model in {model_dir}: {exc}") from None
-        self.model = model.to(self.device).eval()
+        # transformers wraps `to` with functools.wraps, whose type drops the bound self
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.model_dir = model_dir
         # Left padding keeps every prompt's last token at the end, where generation continues.
         self.tokenizer.padding_side = "left"
@@ -120,9 +121,8 @@ class TransformersBackend:
         """The completion of `request` from its generated ids: cut at eos or a stop string."""
         ended = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
         ids = new_ids if ended is None else new_ids[:ended]
-        text, stopped = cut_at_stop(
-            self.tokenizer.decode(ids, skip_special_tokens=True), request.params.stop
-        )
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=True)  # one sequence: a str
+        text, stopped = cut_at_stop(cast(str, decoded), request.params.stop)
         if stopped:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return Completion(
@@ -151,7 +151,8 @@ class _RowStop(StoppingCriteria):
                     input_ids[row, self.prompt_len :], skip_special_tokens=True
                 )
                 done[row] = any(s in text for s in stops)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        # StoppingCriteria promises the legacy BoolTensor class; torch.tensor is typed Tensor.
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -30,6 +30,15 @@ def started(tag: object) -> None:
     return None
 
 
+def eos_ids_of(backend: Any, tokenizer: Any) -> set[int]:
+    """The ids that end a text: the backend's `eos_ids`, else the tokenizer's eos token."""
+    eos = getattr(backend, "eos_ids", None)
+    if eos:
+        return set(eos)
+    token = getattr(tokenizer, "eos_token_id", None)
+    return set() if token is None else {token}
+
+
 class TextStream:
     """The text of a growing list of token ids, handed out as deltas whose concatenation is the
     final text. A delta never ends inside a UTF-8 character, and text that could still become a

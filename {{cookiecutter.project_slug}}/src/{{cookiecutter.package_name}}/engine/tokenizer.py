@@ -59,10 +59,12 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        """The tokens of `ids`; None for an id outside the vocabulary."""
         return [self._tokenizer.id_to_token(i) for i in ids]
 
-    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int | None]:
+        """The ids of `tokens`; None for a token outside the vocabulary."""
         return [self._tokenizer.token_to_id(t) for t in tokens]
 
 

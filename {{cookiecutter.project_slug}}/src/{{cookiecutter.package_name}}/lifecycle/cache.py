@@ -130,6 +130,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any loader failure is one message to the user
         raise ModelSourceError(f"cannot load {gguf.name}: {one_line(exc)}") from None
     # A model loaded from GGUF carries a quantizer that refuses to save; its weights are float.
-    model.hf_quantizer.remove_quantization_config(model)
+    # (Set at load time, it is typed by torch's Module.__getattr__: Tensor | Module.)
+    model.hf_quantizer.remove_quantization_config(model)  # type: ignore[union-attr,operator]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

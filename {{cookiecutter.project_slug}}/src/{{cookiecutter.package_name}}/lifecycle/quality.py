@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -104,8 +104,9 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.eval_set = eval_set
         self.max_new_tokens = max_new_tokens
+        template = self.tokenizer.apply_chat_template  # typed for any input; str when untokenized
         self.prompts = [
-            self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            cast(str, template(chat, tokenize=False, add_generation_prompt=True))
             for _, chat, _ in eval_set.chats
         ]
         self.prompt_ids = [self.encode(p) for p in self.prompts]
@@ -142,7 +143,7 @@ class Reference:
         return self.torch.log_softmax(logits, dim=-1).numpy()
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def evaluate(
@@ -247,7 +248,7 @@ class TorchEngine:
         ).eval()
 
     def _ids(self, tokens: list[str]) -> list[int]:
-        return self.tokenizer.convert_tokens_to_ids(tokens)
+        return cast(list[int], self.tokenizer.convert_tokens_to_ids(tokens))
 
     def _log_probs(self, ids: list[int]) -> Any:
         with self.torch.inference_mode():

@@ -251,8 +251,8 @@ def schemes_for(quantization: str, everything: bool, device: str) -> list[str]:
     import ctranslate2
 
     supported = ctranslate2.get_supported_compute_types(device)
-    candidates = (CUDA_SCHEMES if device == "cuda" else CPU_SCHEMES) if everything else None
-    candidates = candidates or AUTO_ORDER[device]
+    every = (CUDA_SCHEMES if device == "cuda" else CPU_SCHEMES) if everything else None
+    candidates = every or AUTO_ORDER[device]
     runnable = [s for s in candidates if ct2_types(s)[1] in supported]
     skipped = [s for s in candidates if s not in runnable]
     if skipped:

@@ -88,7 +88,9 @@ def replica_settings(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
-@ray.remote(max_concurrency=2)  # run() serves while stop() can still be called
+# run() serves while stop() can still be called. The type: ignores here and on .options():
+# ray's typed overloads of remote() leave out the actor options, and type the class unchanged.
+@ray.remote(max_concurrency=2)  # type: ignore[call-overload]
 class Replica:
     def __init__(self, settings: Settings, index: int) -> None:
         from ..engine.service import InferenceService
@@ -133,7 +135,10 @@ def start_replicas(settings: Settings, count: int) -> list[Any]:
         "max_task_retries": -1,  # a restarted replica takes up run() again
     }
     per_replica = replica_settings(settings)
-    replicas = [Replica.options(**options).remote(per_replica, i) for i in range(count)]
+    replicas = [
+        Replica.options(**options).remote(per_replica, i)  # type: ignore[attr-defined]
+        for i in range(count)
+    ]
     try:
         ray.get([r.__ray_ready__.remote() for r in replicas], timeout=settings.ray_start_timeout_s)
     except ray.exceptions.GetTimeoutError:

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -23,6 +23,9 @@ from .data import (
     load_chat_dataset,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +136,11 @@ def train_lora(
     target_device = pick_device(device)
     # float32 everywhere: the model is small, and half-precision LoRA needs loss scaling.
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a broken model directory is one clear line
         raise ModelSourceError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
-    model.config.use_cache = False
-    _check_target_modules(model, params.target_modules)
+    base.config.use_cache = False
+    _check_target_modules(base, params.target_modules)
     config = LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
@@ -149,7 +152,7 @@ def train_lora(
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
-        model = get_peft_model(model, config).to(target_device)
+        model = get_peft_model(base, config).to(target_device)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         f"LoRA r={params.rank} on {','.join(params.target_modules)}: {trainable:,} trainable of "
@@ -183,8 +186,8 @@ def train_lora(
     eval_after = evaluate(model, evals, params.batch_size, pad_id, target_device)
     log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
 
-    model.save_pretrained(adapter_dir)
-    merged = model.merge_and_unload()
+    model.save_pretrained(str(adapter_dir))  # peft types the folder as a str
+    merged = cast("PreTrainedModel", model.merge_and_unload())  # peft types it as a Module
     merged.config.use_cache = True
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ...engine.backend import Cancelled
 from ...engine.service import Admitted, InferenceService
-from ...engine.streaming import TextStream
+from ...engine.streaming import TextStream, eos_ids_of
 from ...messages import Reply, RequestError
 from ...settings import Settings
 from .metrics import Metrics
@@ -78,9 +78,7 @@ class Generation:
         self.started: set[Job] = set()  # of those, in the running batch
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
-        eos = getattr(service.backend, "eos_ids", None)
-        tokenizer = service.backend.tokenizer
-        self.eos_ids = set(eos) if eos else {getattr(tokenizer, "eos_token_id", None)} - {None}
+        self.eos_ids = eos_ids_of(service.backend, service.backend.tokenizer)
 
     def admit(self, raw: dict[str, Any], request_id: str) -> Admitted | Reply:
         return self.service.admit(raw, request_id)

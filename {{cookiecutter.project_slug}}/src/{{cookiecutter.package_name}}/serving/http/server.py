@@ -94,7 +94,7 @@ async def _load(state: State, load: Callable[[], InferenceService], server: Serv
         if not hasattr(warmup, "request"):
             raise RuntimeError(f"the warm-up request was refused: {warmup}")
         loop = asyncio.get_running_loop()
-        job = state.generation.submit(warmup, loop, internal=True)  # type: ignore[arg-type]
+        job = state.generation.submit(warmup, loop, internal=True)
         while (event := await job.events.get())[0] != "done":
             pass
         if event[1].error is not None:

@@ -62,11 +62,11 @@ class Client:
     timeout_s: float = 300.0
     heartbeat_s: int = 30
     connect_timeout_s: float = 30.0
-    options: QueueOptions | None = None
+    options: QueueOptions = field(default_factory=QueueOptions)
     queue_full_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        self.options = self.options or QueueOptions()
+        self.options = self.options or QueueOptions()  # an untyped caller may pass None
         self.names = Names(self.prefix)
         self.reply_queue = self.names.replies(uuid.uuid4().hex[:12])
         self.stats = ClientStats()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ...engine.batching import DynamicBatcher
 from ...engine.service import InferenceService
-from ...engine.streaming import TextStream
+from ...engine.streaming import TextStream, eos_ids_of
 from ...messages import Reply
 from .session import Delivery, Session, drain
 
@@ -140,8 +140,7 @@ class Chunks:
 
     def __init__(self, session: Session, service: InferenceService) -> None:
         self.session, self.tokenizer = session, service.backend.tokenizer
-        eos = getattr(service.backend, "eos_ids", None)
-        self.eos_ids = set(eos) if eos else {getattr(self.tokenizer, "eos_token_id", None)} - {None}
+        self.eos_ids = eos_ids_of(service.backend, self.tokenizer)
         self.texts: dict[int, TextStream] = {}  # by delivery tag
         self.pending: list[tuple[Delivery, int, str]] = []
         self.flushed = time.monotonic()
