@@ -7,10 +7,13 @@ credentials. The backend store URI may hold a password: it is passed in the envi
 on the command line, and logged without it.
 """
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -75,12 +78,41 @@ def serve(settings: Settings) -> int:
         settings.mlflow_host, settings.mlflow_port,
         redact_url(env["MLFLOW_BACKEND_STORE_URI"]), artifacts_destination(settings),
     )  # fmt: skip
-    child = subprocess.Popen(command, env=os.environ | env)
+    # A process group of its own: `mlflow server` runs uvicorn as its child, which a signal to
+    # `mlflow` alone would leave running. SIGTERM (a supervisor's stop) and Ctrl-C stop both.
+    child = subprocess.Popen(command, env=os.environ | env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return child.wait()
     except KeyboardInterrupt:
-        child.terminate()
-        return child.wait()
+        return stop_group(child)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_group(child: subprocess.Popen, grace_s: float = 10.0) -> int:
+    """SIGTERM to the child's whole process group, SIGKILL to what is left after `grace_s`;
+    returns once no process of the group remains. The child's exit status."""
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    while time.monotonic() < deadline + 2.0:  # after SIGKILL, 2 s more for the kernel
+        child.poll()
+        with contextlib.suppress(ChildProcessError):  # as PID 1, orphans are ours to reap
+            os.waitpid(-child.pid, os.WNOHANG)
+        try:
+            os.killpg(child.pid, 0)  # raises once the group is empty
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return child.wait()
 
 
 def _create_mysql_database(uri: str) -> None:
