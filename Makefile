@@ -5,6 +5,8 @@ CACHE ?= $(HOME)/.cache/llm-service-template
 ENV ?= $(CACHE)/venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Two pytest-xdist workers (this is sized for 2 cores); JOBS=0 runs in one process.
+JOBS ?= 2
 DEMO ?= build/demo
 
 .PHONY: env test demo lint clean
@@ -29,7 +31,7 @@ $(STAMP):
 test: env ## lint the template's code, then bake every combination of options and test each bake
 	$(ENV)/bin/ruff check hooks tests
 	$(ENV)/bin/ruff format --check hooks tests
-	$(ENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(ENV)/bin/python -m pytest $(if $(filter-out 0,$(JOBS)),-n $(JOBS) --dist worksteal) $(PYTEST_ARGS)
 
 demo: env ## render the default project into $(DEMO) and run its main job
 	rm -rf $(DEMO)

@@ -76,9 +76,3 @@ AWKWARD_NAMES = {
 
 # The longest package name the hook accepts (40 characters): rendered lines must still fit.
 LONG_NAME = {"project_name": "My Extremely Verbose Llm Service Name Ab"}
-
-# Bakes that also run the rendered integration tests (the real model, the real broker, Ray).
-# The default bake runs all of its tests in tests/test_install.py, installed from its own
-# pyproject.toml (sqlite, local artifacts), so it is not repeated here: this one covers the
-# other value of every code axis: CTranslate2, Ray, an MLflow server on MySQL with S3 artifacts.
-REPRESENTATIVE: list[dict[str, str]] = [FULLEST | {"python_version": "3.13"} | AWKWARD_NAMES]

@@ -71,3 +71,38 @@ def assert_all_ran(output: str) -> None:
     assert "skipped" not in output, output[-3000:]
     said = "bf16_cpu tests: this CPU has no bfloat16 instructions" in output
     assert said is not cpu_has_bf16(), output[-3000:]
+
+
+# The two runs of a rendered project's whole suite (the default bake installed by its README's
+# commands, the fullest bake's workflow) take most of the time. Under pytest-xdist's worksteal
+# scheduling (`make test`: two workers) each worker starts with the first half of the collection
+# or the second: one heavy run leads each half, and the light tests fill in around them.
+HEAVY = ("test_workflow.py::", "test_install.py::")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    heavy = [
+        next(i for i in items if key in i.nodeid)
+        for key in HEAVY
+        if any(key in i.nodeid for i in items)
+    ]
+    if len(heavy) < 2:
+        return
+    light = [item for item in items if item not in heavy]
+    half = len(items) // 2
+    items[:] = [heavy[0], *light[: half - 1], heavy[1], *light[half - 1 :]]
+
+
+def parallel_env(project: Path) -> dict[str, str]:
+    """For a whole rendered suite run beside another (under xdist): one thread per engine, so
+    two suites on two cores do not oversubscribe them (torch's OpenMP threads spin)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return {}
+    import json
+
+    prefix = package_of(project).upper()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", f"{prefix}_NUM_THREADS": "1"}
+    answers = json.loads((project / ".cookiecutter.json").read_text())
+    if answers["inference_backend"] == "ctranslate2":
+        env[f"{prefix}_INTRA_THREADS"] = "1"
+    return env

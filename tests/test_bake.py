@@ -12,11 +12,10 @@ from combinations import (
     AWKWARD_NAMES,
     CODE_AXES,
     LONG_NAME,
-    REPRESENTATIVE,
     all_combinations,
     combo_id,
 )
-from conftest import assert_all_ran, package_of, project_env
+from conftest import package_of, project_env
 
 COMBINATIONS = all_combinations()
 # (A GitHub Actions expression, `${{ ... }}`, is not template syntax.)
@@ -316,22 +315,6 @@ def test_the_rendered_unit_tests_pass(project):
         UNIT_RESULTS[key] = run([sys.executable, "-m", "pytest", "-q", *unit], project).stdout
     output = UNIT_RESULTS[key]
     assert " passed" in output and " failed" not in output and "skipped" not in output, output
-
-
-@pytest.mark.parametrize("combo", REPRESENTATIVE, ids=lambda c: combo_id(c)[:60])
-def test_representative_bakes_pass_their_integration_tests(combo, bake, tmp_path):
-    project = bake(combo)
-    # A fresh HOME of 90+ characters: Ray's socket paths must fit whatever the home's length.
-    home = tmp_path / ("home-" + "h" * max(0, 92 - len(str(tmp_path))))
-    home.mkdir()
-    # About 15 minutes on 2 cores since the bfloat16 gate tests joined (667 s before them).
-    result = run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "integration", "-p", "no:cacheprovider"],
-        project,
-        timeout=2400,
-        HOME=str(home),
-    )
-    assert_all_ran(result.stdout)
 
 
 def test_awkward_names_are_rendered_safely(bake, default_answers):

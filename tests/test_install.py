@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import assert_all_ran, package_of
+from conftest import assert_all_ran, package_of, parallel_env
 
 
 def make(target: str, project, env: dict, timeout: float) -> str:
@@ -27,6 +27,7 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
     # A cache of its own: the bundled model is downloaded and converted as on a new machine,
     # with only what the project's own pyproject.toml installed.
     env[f"{package_of(project).upper()}_CACHE_DIR"] = str(tmp_path / "cache")
+    env |= parallel_env(project)
 
     make("install", project, env, timeout=1800)
     venv_python = project / ".venv" / "bin" / "python"
