@@ -80,7 +80,14 @@ def assert_all_ran(output: str) -> None:
 HEAVY = ("test_workflow.py::", "test_install.py::")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from test_shipping import docker_absent
+
+    absent = [item for item in items if item.get_closest_marker("docker")]
+    if absent and docker_absent():
+        # Deselected, not skipped: the tool is absent here; pytest_terminal_summary says why.
+        config.hook.pytest_deselected(items=absent)
+        items[:] = [item for item in items if item not in absent]
     heavy = [
         next(i for i in items if key in i.nodeid)
         for key in HEAVY
@@ -106,3 +113,11 @@ def parallel_env(project: Path) -> dict[str, str]:
     if answers["inference_backend"] == "ctranslate2":
         env[f"{prefix}_INTRA_THREADS"] = "1"
     return env
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Said by the process that reports (under xdist, not the one that collected)."""
+    from test_shipping import docker_absent
+
+    if why := docker_absent():
+        terminalreporter.write_line(f"deselected the docker tests: {why}")

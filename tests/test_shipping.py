@@ -185,3 +185,27 @@ def test_the_pre_commit_hooks_install_and_pass_on_a_fresh_repository(bake, tmp_p
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert result.stdout.count("Passed") == 5, result.stdout
+
+
+def docker_absent() -> str | None:
+    """Why `docker compose` cannot run here, or None when it can (config needs no daemon)."""
+    if shutil.which("docker") is None:
+        return "no docker client"
+    result = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    return None if result.returncode == 0 else "no docker compose plugin"
+
+
+@pytest.mark.docker
+def test_docker_compose_config_resolves_and_the_image_builds_where_docker_runs(shipped, tmp_path):
+    """With the .env a user writes from .env.example, compose resolves every file; where a
+    daemon answers, the one image builds. Without Docker this is deselected, with the reason."""
+    project = tmp_path / "project"
+    shutil.copytree(shipped, project)
+    example = (project / ".env.example").read_text()
+    required = re.findall(r"^(\w+)=$", example, re.M)
+    (project / ".env").write_text(
+        "".join(f"{name}=test-{name.lower()}-4711\n" for name in required)
+    )
+    subprocess.run(["docker", "compose", "config", "--quiet"], cwd=project, check=True)
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        subprocess.run(["docker", "compose", "build"], cwd=project, check=True, timeout=3000)
