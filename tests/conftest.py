@@ -75,8 +75,8 @@ def assert_all_ran(output: str) -> None:
 
 # The two runs of a rendered project's whole suite (the default bake installed by its README's
 # commands, the fullest bake's workflow) take most of the time. Under pytest-xdist's worksteal
-# scheduling (`make test`: two workers) each worker starts with the first half of the collection
-# or the second: one heavy run leads each half, and the light tests fill in around them.
+# scheduling (`make test`) worker k starts with the k-th slice of the collection: each heavy run
+# leads a slice of its own, and the other workers take the light tests around them.
 HEAVY = ("test_workflow.py::", "test_install.py::")
 
 
@@ -95,9 +95,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ]
     if len(heavy) < 2:
         return
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     light = [item for item in items if item not in heavy]
-    half = len(items) // 2
-    items[:] = [heavy[0], *light[: half - 1], heavy[1], *light[half - 1 :]]
+    for k, item in enumerate(heavy):
+        light.insert(min(len(light), k * len(items) // max(workers, len(heavy))), item)
+    items[:] = light
 
 
 def parallel_env(project: Path) -> dict[str, str]:

@@ -139,6 +139,7 @@ BASE_FILES = {
     "tests/unit/test_settings.py",
     "tests/unit/lifecycle/test_tracking.py",
     "tests/unit/lifecycle/test_wheels.py",
+    "tests/unit/lifecycle/test_mlflow_server.py",
 }
 
 

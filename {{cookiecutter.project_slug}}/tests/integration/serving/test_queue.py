@@ -157,7 +157,7 @@ def dead_letters(broker: str, prefix: str) -> int:
 
 def test_200_requests_are_all_answered_each_exactly_once(broker, prefix, workers):
     worker = workers()
-    collector = Collector(broker, prefix, numbered(200, max_new_tokens=8)).start()
+    collector = Collector(broker, prefix, numbered(200, max_new_tokens=4)).start()
     collector.join()
     collector.assert_each_answered_once()
     assert dead_letters(broker, prefix) == 0
@@ -166,11 +166,11 @@ def test_200_requests_are_all_answered_each_exactly_once(broker, prefix, workers
 
 def test_a_worker_killed_mid_run_loses_nothing(broker, prefix, workers):
     first = workers(max_batch_size=8)
-    collector = Collector(broker, prefix, numbered(48, max_new_tokens=24)).start()
+    collector = Collector(broker, prefix, numbered(32, max_new_tokens=16)).start()
     collector.wait_for_replies(8)
     first.stop(signal.SIGKILL)  # unacked deliveries go back to the queue
     answered_before = len(collector.replies)
-    assert answered_before < 48
+    assert answered_before < 32
     workers(max_batch_size=8)
     collector.join()
     collector.assert_each_answered_once()
@@ -182,7 +182,7 @@ def test_a_worker_killed_mid_run_loses_nothing(broker, prefix, workers):
 )
 def test_the_worker_and_client_reconnect_after_a_broker_restart(broker, prefix, workers):
     worker = workers(max_batch_size=8)
-    collector = Collector(broker, prefix, numbered(48, max_new_tokens=24)).start()
+    collector = Collector(broker, prefix, numbered(32, max_new_tokens=16)).start()
     collector.wait_for_replies(8)
     try:
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
