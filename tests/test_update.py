@@ -119,7 +119,7 @@ def test_cruft_update_from_the_previous_commit_keeps_local_edits(combo, template
     assert not differ, f"the update differs from a fresh render in {differ}"
 
     if combo in (DEFAULTS, FULLEST):
-        unit = ["-m", "not integration", "-p", "no:cacheprovider"]
+        unit = ["-m", "not integration", "-p", "no:cacheprovider", "tests/unit"]
         tests = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", *unit], cwd=project, env=project_env(project),
             capture_output=True, text=True, timeout=900,
