@@ -48,6 +48,8 @@ def template_commits(tmp_path_factory) -> tuple[str, str, str]:
     the working tree as it is now committed on top, so uncommitted changes are "current" too."""
     clone = tmp_path_factory.mktemp("template") / "repo"
     git("clone", "--quiet", "--no-local", str(TEMPLATE), str(clone), cwd=TEMPLATE)
+    shallow = git("rev-parse", "--is-shallow-repository", cwd=clone) == "true"
+    assert not shallow, "a shallow clone has no previous commit: git fetch --unshallow"
     previous = git("rev-parse", "HEAD~1", cwd=clone)
     tracked = git("ls-files", "-co", "--exclude-standard", "-z", cwd=TEMPLATE).split("\0")
     for name in filter(None, tracked):
@@ -70,9 +72,20 @@ def files(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("combo", CODE_COMBINATIONS, ids=combo_id)
-def test_cruft_update_from_the_previous_commit_keeps_local_edits(combo, template_commits, tmp_path):
-    template, previous, current = template_commits
+# The template before issue 18 (no license, MinIO, a root-owned /mlflow...): an update across
+# many commits at once, as a project that skipped a few template releases would take it.
+BASELINE = "bab59cb8f106bef43a39e1ac2b65be727d11ed81"
+UPDATES = [(combo, "HEAD~1") for combo in CODE_COMBINATIONS] + [(FULLEST, BASELINE)]
+
+
+@pytest.mark.parametrize(
+    ("combo", "start"), UPDATES, ids=[f"{combo_id(c)}-from-{s[:7]}" for c, s in UPDATES]
+)
+def test_cruft_update_from_an_earlier_commit_keeps_local_edits(
+    combo, start, template_commits, tmp_path
+):
+    template, head_1, current = template_commits
+    previous = head_1 if start == "HEAD~1" else start
     answers = json.dumps(combo | ANSWERS)
     cruft = [str(BIN / "cruft")]
     subprocess.run(
@@ -98,9 +111,16 @@ def test_cruft_update_from_the_previous_commit_keeps_local_edits(combo, template
         cwd=project, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert json.loads((project / ".cruft.json").read_text())["commit"] == current
+    record = json.loads((project / ".cruft.json").read_text())
+    assert record["commit"] == current
+    # The answers are kept; a question the old template did not ask takes its default.
+    recorded = {k: v for k, v in record["context"]["cookiecutter"].items() if k[0] != "_"}
+    asked = json.loads(git("show", f"{previous}:cookiecutter.json", cwd=Path(template)))
+    given = {k: v for k, v in (combo | ANSWERS).items() if k in asked}
+    changed = {k: (v, recorded.get(k)) for k, v in given.items() if recorded.get(k) != v}
+    assert not changed, f"answers changed by the update: {changed}"
 
-    context = [f"{k}={v}" for k, v in (combo | ANSWERS).items()]
+    context = [f"{k}={v}" for k, v in recorded.items()]
     subprocess.run(
         [str(BIN / "cookiecutter"), template, "--checkout", current, "--no-input",
          "--output-dir", str(tmp_path / "fresh"), *context],

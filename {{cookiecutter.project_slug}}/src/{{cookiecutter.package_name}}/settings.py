@@ -6,7 +6,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -202,13 +201,14 @@ class Settings(BaseSettings):
         return self.cache_dir / "models"
 
 
+# scheme://user:PASSWORD@: everything up to the last @, so that a password with a raw /, ? or #
+# (which ends the URL's authority for a parser) is masked all the same.
+USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@]*):.*@")
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return USERINFO.sub(r"\1:***@", url, count=1)
 
 
 class SettingsError(ValueError):

@@ -135,6 +135,22 @@ def test_the_effective_settings_mask_every_secret(monkeypatch):
     assert "4711" not in repr(shown)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://app:Ab/cD+9x=@rabbitmq:5672/%2F",  # a raw / ends a parser's authority
+        "mysql+pymysql://mlflow:p#ss?w@rd@127.0.0.1:3306/db",
+        "amqp://app:plain-4711-pw@broker:5672/%2F",
+    ],
+)
+def test_a_password_is_masked_whatever_characters_it_holds(url):
+    from {{ cookiecutter.package_name }}.settings import redact_url
+
+    masked = redact_url(url)
+    assert "***@" in masked and not any(secret in masked for secret in ("Ab/", "p#ss", "4711"))
+    assert redact_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
 def test_config_show_prints_the_settings_and_warns_of_unknown_variables(monkeypatch, tmp_path):
     import os
     import subprocess

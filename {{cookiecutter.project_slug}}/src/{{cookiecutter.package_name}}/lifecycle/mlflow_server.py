@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..settings import Settings, redact_url
 from .tracking import local_store
@@ -79,15 +79,20 @@ def serve(settings: Settings) -> int:
         redact_url(env["MLFLOW_BACKEND_STORE_URI"]), artifacts_destination(settings),
     )  # fmt: skip
     # A process group of its own: `mlflow server` runs uvicorn as its child, which a signal to
-    # `mlflow` alone would leave running. SIGTERM (a supervisor's stop) and Ctrl-C stop both.
+    # `mlflow` alone would leave running. SIGTERM (a supervisor's stop) and Ctrl-C stop both;
+    # so does mlflow's own exit, which would leave uvicorn behind.
     child = subprocess.Popen(command, env=os.environ | env, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return child.wait()
-    except KeyboardInterrupt:
+        with contextlib.suppress(KeyboardInterrupt):
+            child.wait()
+        for sig in handlers:  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         return stop_group(child)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -101,9 +106,9 @@ def stop_group(child: subprocess.Popen, grace_s: float = 10.0) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGTERM)
     while time.monotonic() < deadline + 2.0:  # after SIGKILL, 2 s more for the kernel
-        child.poll()
-        with contextlib.suppress(ChildProcessError):  # as PID 1, orphans are ours to reap
-            os.waitpid(-child.pid, os.WNOHANG)
+        if child.poll() is not None:  # the leader is reaped first: its status is kept
+            with contextlib.suppress(ChildProcessError):  # as PID 1, orphans are ours to reap
+                os.waitpid(-child.pid, os.WNOHANG)
         try:
             os.killpg(child.pid, 0)  # raises once the group is empty
         except ProcessLookupError:
@@ -130,7 +135,7 @@ def _create_mysql_database(uri: str) -> None:
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 3306,
             user=parts.username or "root",
-            password=parts.password or "",
+            password=unquote(parts.password or ""),
             connect_timeout=10,
         )
     except pymysql.MySQLError as exc:

