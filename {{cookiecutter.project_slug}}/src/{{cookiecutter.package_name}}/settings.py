@@ -251,7 +251,11 @@ def unknown_variables(environ: Mapping[str, str], dotenv: Path = Path(".env")) -
     if dotenv.is_file():
         from dotenv import dotenv_values
 
-        seen |= set(dotenv_values(dotenv))
+        try:
+            seen |= set(dotenv_values(dotenv))
+        except UnicodeDecodeError as exc:
+            problem = f"{exc.reason} at byte {exc.start}"
+            raise SettingsError(f"{dotenv} is not UTF-8: {problem}") from None
     ours = [n.removeprefix(ENV_PREFIX) for n in known if n.startswith(ENV_PREFIX)]
     problems = []
     for name in sorted(n for n in seen if n.startswith(ENV_PREFIX) and n not in known):

@@ -125,6 +125,12 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_for(tmp_path
     assert unknown_variables({f"{ENV_PREFIX}MODEL": "x"}, tmp_path / "absent") == []
 
 
+def test_a_dotenv_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / ".env").write_bytes(f"{ENV_PREFIX}MAX_BATCH_SIZE=\xff\xfe\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match=r"\.env is not UTF-8: invalid start byte"):
+        unknown_variables({}, tmp_path / ".env")
+
+
 def test_the_effective_settings_mask_every_secret(monkeypatch):
     monkeypatch.setenv(f"{ENV_PREFIX}API_KEY", "sk-very-secret-4711")
     monkeypatch.setenv(f"{ENV_PREFIX}RABBITMQ_URL", "amqp://app:rabbit-pw-4711@broker:5672/%2F")
