@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import one_line
@@ -195,6 +195,12 @@ class Settings(BaseSettings):
     # raise (FAULT_GENERATION_ON). Unset in any real deployment.
     fault_exit_on: str | None = Field(default=None, min_length=8)
     fault_generation_on: str | None = Field(default=None, min_length=8)
+
+    @field_validator("cache_dir", "tracking_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        """`~` in .env, which no shell expands (pip would, and the two would disagree)."""
+        return path.expanduser()
 
     @property
     def models_dir(self) -> Path:

