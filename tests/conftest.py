@@ -50,6 +50,103 @@ def project_env(project: Path) -> dict[str, str]:
     }
 
 
+def inputs_digest(project: Path) -> str:
+    """A digest of everything a bake's unit tests read when run from the shared environment:
+    its code, tests and data, and its pytest settings. Bakes that differ only in a value these
+    do not hold (the Python version, the license) have the same digest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("src", "tests", "data") for p in (project / d).rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
+    pyproject = (project / "pyproject.toml").read_text()
+    digest.update(
+        pyproject[pyproject.index("[tool.pytest.ini_options]") :].split("\n[", 1)[0].encode()
+    )
+    return digest.hexdigest()
+
+
+# A rendered unit run as `python -m pytest` there. Plugins the fork server imported early
+# (hypothesis, anyio) cannot have their asserts rewritten: pytest's warning about it is noise.
+UNIT_ARGS = ["-q", "-p", "no:cacheprovider", "-m", "not integration",
+             "-W", "ignore::pytest.PytestAssertRewriteWarning", "tests/unit"]  # fmt: skip
+
+
+class UnitRunner:
+    """The client of tests/unit_runner.py, the fork server: one per xdist worker."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("unit_runner.py"))], env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.reply(timeout=300)
+
+    def reply(self, timeout: float) -> dict:
+        import json
+        import select
+
+        assert self.process.stdout and self.process.stdin
+        if not select.select([self.process.stdout], [], [], timeout)[0]:
+            self.close()
+            raise AssertionError(f"the unit test fork server gave no answer in {timeout} s")
+        line = self.process.stdout.readline()
+        assert line, f"the unit test fork server died (exit status {self.process.wait()})"
+        return json.loads(line)
+
+    def run(self, project: Path, log: Path) -> int:
+        import json
+
+        assert self.process.stdin
+        request = {"cwd": str(project), "env": project_env(project), "args": UNIT_ARGS,
+                   "log": str(log)}  # fmt: skip
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return int(self.reply(timeout=900)["rc"])
+
+    def close(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def unit_tests(tmp_path_factory):
+    """unit_tests(project) -> (exit status, output) of the bake's unit tests: run once per
+    distinct inputs_digest, across xdist workers too, in a fork server (tests/unit_runner.py)
+    that has the shared environment's heavy libraries imported already."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's
+    runner: UnitRunner | None = None
+
+    def _run(project: Path) -> tuple[int, str]:
+        nonlocal runner
+        result = shared / f"unit-{inputs_digest(project)[:20]}.json"
+        with FileLock(f"{result}.lock"):
+            if not result.is_file():
+                runner = runner or UnitRunner()
+                log = result.with_suffix(".log")
+                returncode = runner.run(project, log)
+                output = log.read_text(errors="replace")
+                result.write_text(json.dumps({"rc": returncode, "output": output}))
+            answer = json.loads(result.read_text())
+        return answer["rc"], answer["output"]
+
+    yield _run
+    if runner is not None:
+        runner.close()
+
+
 def package_of(project: Path) -> str:
     (package,) = [p.name for p in (project / "src").iterdir() if p.is_dir()]
     return package

@@ -287,35 +287,11 @@ def test_docker_compose_has_the_mlflow_server_and_the_stores_the_options_ask_for
     assert ("MLFLOW_S3_ENDPOINT_URL=http://s3:8333" in environment) == stores["s3"]
 
 
-def inputs_digest(project: Path) -> str:
-    """A digest of everything a bake's tests read when run from the shared environment: its
-    code, tests and data, and its pytest settings. Bakes that differ only in a value these do
-    not hold (the Python version, the license) have the same digest."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for d in ("src", "tests", "data") for p in (project / d).rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
-    pyproject = (project / "pyproject.toml").read_text()
-    digest.update(
-        pyproject[pyproject.index("[tool.pytest.ini_options]") :].split("\n[", 1)[0].encode()
-    )
-    return digest.hexdigest()
-
-
-UNIT_RESULTS: dict[str, str] = {}  # inputs_digest -> the output of that unit test run
-
-
-def test_the_rendered_unit_tests_pass(project):
-    """Run once per distinct test inputs: the same inputs in the same environment give the same
-    result, so a bake that only changes, say, the license reuses its twin's (passing) run."""
-    key = inputs_digest(project)
-    if key not in UNIT_RESULTS:
-        # tests/unit only: collecting the integration modules imports what they need (10 s).
-        unit = ["-m", "not integration", "-p", "no:cacheprovider", "tests/unit"]
-        UNIT_RESULTS[key] = run([sys.executable, "-m", "pytest", "-q", *unit], project).stdout
-    output = UNIT_RESULTS[key]
+def test_the_rendered_unit_tests_pass(project, unit_tests):
+    """Run once per distinct test inputs (see conftest.unit_tests): a bake that only changes,
+    say, the license reuses its twin's run."""
+    returncode, output = unit_tests(project)
+    assert returncode == 0, output[-4000:]
     assert " passed" in output and " failed" not in output and "skipped" not in output, output
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from combinations import CODE_AXES, DEFAULTS, FULLEST, combo_id
-from conftest import TEMPLATE, package_of, project_env
+from conftest import TEMPLATE, package_of
 
 CODE_COMBINATIONS = [
     DEFAULTS | dict(zip(CODE_AXES, values, strict=True))
@@ -82,7 +82,7 @@ UPDATES = [(combo, "HEAD~1") for combo in CODE_COMBINATIONS] + [(FULLEST, BASELI
     ("combo", "start"), UPDATES, ids=[f"{combo_id(c)}-from-{s[:7]}" for c, s in UPDATES]
 )
 def test_cruft_update_from_an_earlier_commit_keeps_local_edits(
-    combo, start, template_commits, tmp_path
+    combo, start, template_commits, tmp_path, unit_tests
 ):
     template, head_1, current = template_commits
     previous = head_1 if start == "HEAD~1" else start
@@ -139,9 +139,5 @@ def test_cruft_update_from_an_earlier_commit_keeps_local_edits(
     assert not differ, f"the update differs from a fresh render in {differ}"
 
     if combo in (DEFAULTS, FULLEST):
-        unit = ["-m", "not integration", "-p", "no:cacheprovider", "tests/unit"]
-        tests = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", *unit], cwd=project, env=project_env(project),
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:]
+        returncode, output = unit_tests(project)
+        assert returncode == 0 and " passed" in output, output[-3000:]

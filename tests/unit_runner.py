@@ -1,0 +1,60 @@
+"""A fork server for the bakes' unit test runs: one process imports the heavy libraries every
+bake shares (torch, transformers, hypothesis: most of a unit run's 15-20 s is their import),
+then forks a child per run, which runs pytest in the bake as `python -m pytest` would there.
+
+Each child starts from the same clean, single-threaded parent, so runs cannot leak into one
+another; only the shared environment's modules are imported before the fork, never a bake's.
+The cold path (a fresh interpreter per project) is still what `make test` runs in the two full
+suites (tests/test_install.py, tests/test_workflow.py).
+
+Protocol, one JSON object per line: stdin {"cwd", "env", "args", "log"} -> stdout {"rc"}.
+"""
+
+import json
+import os
+import sys
+
+# Imported before any fork: what every bake's unit tests import (see the module docstring).
+SHARED = ("pytest", "hypothesis", "torch", "transformers", "pydantic_settings", "typer")
+
+
+def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> int:
+    """Fork; the child runs pytest in `cwd` with `env`, its output to `log`. Its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child never returns: whatever happens, it exits here
+        code = 70
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            # As `python -m pytest` with PYTHONPATH would: the working directory, then PYTHONPATH.
+            entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            sys.path[:0] = [cwd, *entries]
+            import pytest
+
+            code = int(pytest.main(args))
+        except BaseException as exc:  # reported in the log, then the exit status
+            print(f"unit_runner: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def main() -> None:
+    for name in SHARED:
+        __import__(name)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        rc = run_in_child(request["cwd"], request["env"], request["args"], request["log"])
+        print(json.dumps({"rc": rc}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
