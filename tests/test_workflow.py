@@ -20,10 +20,67 @@ from pathlib import Path
 
 import yaml
 
-from combinations import AWKWARD_NAMES, FULLEST
-from conftest import MODEL_CACHE, assert_all_ran, parallel_env
+from combinations import AWKWARD_NAMES, DEFAULTS, FULLEST
+from conftest import MODEL_CACHE, assert_all_ran, package_of, parallel_env
 
 BAKE = FULLEST | AWKWARD_NAMES
+QUEUE_TESTS = "tests/integration/serving/test_queue.py::"
+HTTP_TESTS = "tests/integration/serving/test_http.py::"
+# What the default bake's install test (tests/test_install.py) runs on the same code, left out
+# here (pytest's --deselect takes node id prefixes): the queue tests that do not depend on the
+# engine under the worker (the client, signals, the delivery limit, a broker restart) and
+# those pinned to the transformers engine; the HTTP tests on the transformers engine. This bake
+# runs the rest of both modules on CTranslate2. SAME_CODE holds while they stay the same.
+SHARED_WITH_DEFAULT = [
+    *(QUEUE_TESTS + name for name in (
+        "test_a_dead_generation_thread_ends_the_worker_and_its_requests_are_redelivered[continuous]",
+        "test_generation_longer_than_three_heartbeats_keeps_the_connection[continuous]",
+        "test_sigterm_finishes_the_requests_in_hand_and_requeues_the_rest[continuous]",
+        "test_a_message_that_kills_workers_is_dead_lettered_after_the_delivery_limit",
+        "test_a_second_sigterm_exits_at_once_and_loses_nothing",
+        "test_the_worker_and_client_reconnect_after_a_broker_restart",
+        "test_an_interrupted_submit_resumes_with_every_id_exactly_once",
+        "test_submit_writes_every_reply_in_input_order",
+        "test_submit_waits_out_a_full_queue_then_says_so",
+    )),
+    *(f"{HTTP_TESTS}{name}[transformers" for name in (
+        "test_ready_is_503_while_the_model_loads_then_200",
+        "test_the_openai_client_chats_streams_completes_and_lists",
+        "test_a_bad_request_is_a_bad_request_error",
+        "test_concurrent_streams_keep_their_own_limits",
+        "test_an_unknown_model_is_404",
+        "test_the_sse_stream_is_framed_as_openai_frames_it",
+        "test_tokens_are_streamed_as_they_are_decoded",
+        "test_a_client_that_leaves_stops_its_request_and_not_the_others",
+        "test_metrics_parse_and_count_a_known_set_of_requests",
+        "test_bench_loads_the_server_closed_and_open_loop",
+    )),
+]  # fmt: skip
+SAME_CODE = ["tests/integration/serving/test_queue.py", "src/PKG/serving/queue/*.py",
+             "src/PKG/serving/http/*.py", "src/PKG/engine/hf.py", "src/PKG/engine/continuous.py",
+             "src/PKG/engine/service.py", "src/PKG/engine/streaming.py"]  # fmt: skip
+
+
+def code_of(project: Path) -> dict[str, str]:
+    """SAME_CODE's files of a bake, its package and slug replaced by placeholders."""
+    package = package_of(project)
+    slug = project.name
+    return {
+        str(path.relative_to(project)).replace(package, "PKG"): path.read_text()
+        .replace(package, "PKG")
+        .replace(slug, "SLUG")
+        for pattern in SAME_CODE
+        for path in sorted(project.glob(pattern.replace("PKG", package)))
+    }
+
+
+def test_what_the_workflow_run_leaves_to_the_default_bake_is_the_same_code_there(bake):
+    fullest, default = code_of(bake(BAKE)), code_of(bake(DEFAULTS))
+    assert len(fullest) > len(SAME_CODE)
+    assert fullest == default
+    tests = (bake(BAKE) / HTTP_TESTS.removesuffix("::")).read_text()
+    for node in SHARED_WITH_DEFAULT:
+        assert f"def {node.split('::')[1].split('[')[0]}(" in tests + "".join(fullest.values())
 
 
 def reachable(port: int) -> bool:
@@ -47,6 +104,7 @@ def test_the_fullest_bakes_workflow_passes_here_step_by_step(bake, tmp_path):
     env["TORCH_INDEX_URL"] = ""  # this machine's torch wheel (see the module docstring)
     env["PIP_CACHE_DIR"] = str(Path.home() / ".cache" / "pip")  # setup-python's `cache: pip`
     env |= parallel_env(source)
+    env["PYTEST_ADDOPTS"] = " ".join(f"--deselect={node}" for node in SHARED_WITH_DEFAULT)
     checkout = tmp_path / "checkout"
     outputs: dict[str, str] = {}
     for step in job["steps"]:

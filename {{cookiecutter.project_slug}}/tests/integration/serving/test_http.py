@@ -15,6 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from {{ cookiecutter.package_name }}.serving.http.metrics import OWN
 from {{ cookiecutter.package_name }}.settings import ENV_PREFIX
 
 from ...conftest import PROJECT_ROOT, free_port
@@ -338,7 +339,7 @@ def test_metrics_parse_and_count_a_known_set_of_requests(server):
     assert moved("vllm:prompt_tokens_total") == sum(a.usage.prompt_tokens for a in answers)
     for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
         assert moved(f"vllm:{histogram}_seconds_count") == 3
-    assert moved("llm_service:request_errors_total", ("error_type", "invalid_request")) == 1
+    assert moved(f"{OWN}:request_errors_total", ("error_type", "invalid_request")) == 1
     assert after[("vllm:num_requests_running", ())] == 0
 
 

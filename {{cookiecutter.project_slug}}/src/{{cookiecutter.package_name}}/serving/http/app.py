@@ -106,7 +106,7 @@ def create_app(state: State, start: Callable[[], Awaitable[list[asyncio.Task]]])
             "id": state.model_name,
             "object": "model",
             "created": state.created,
-            "owned_by": "llm-service",
+            "owned_by": "{{ cookiecutter.project_slug }}",
             "root": state.settings.model,
         }
         if state.version is not None:

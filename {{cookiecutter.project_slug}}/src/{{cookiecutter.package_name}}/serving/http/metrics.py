@@ -1,11 +1,12 @@
 """Prometheus metrics of the HTTP API, named as vLLM names them so its dashboards carry over
-(`vllm:` names, a `model_name` label); the two vLLM has no name for are `llm_service:` ones."""
+(`vllm:` names, a `model_name` label); the two vLLM has no name for carry the package's name."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OWN = "{{ cookiecutter.package_name }}"  # the prefix of the metrics vLLM has no name for
 
 
 class Metrics:
@@ -48,11 +49,11 @@ class Metrics:
             [*labels, "finished_reason"], registry=r,
         )  # fmt: skip
         self.errors = Counter(
-            "llm_service:request_errors", "Requests refused or failed, by error code.",
+            f"{OWN}:request_errors", "Requests refused or failed, by error code.",
             [*labels, "error_type"], registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "llm_service:batch_size", "Requests decoding together, per engine step.", labels,
+            f"{OWN}:batch_size", "Requests decoding together, per engine step.", labels,
             buckets=BATCH_BUCKETS, registry=r,
         ).labels(model_name)  # fmt: skip
         self.model_name = model_name
