@@ -26,11 +26,13 @@ from conftest import MODEL_CACHE, assert_all_ran, package_of, parallel_env
 BAKE = FULLEST | AWKWARD_NAMES
 QUEUE_TESTS = "tests/integration/serving/test_queue.py::"
 HTTP_TESTS = "tests/integration/serving/test_http.py::"
+FINETUNE_TESTS = "tests/integration/lifecycle/test_finetune.py::"
 # What the default bake's install test (tests/test_install.py) runs on the same code, left out
 # here (pytest's --deselect takes node id prefixes): the queue tests that do not depend on the
 # engine under the worker (the client, signals, the delivery limit, a broker restart) and
-# those pinned to the transformers engine; the HTTP tests on the transformers engine. This bake
-# runs the rest of both modules on CTranslate2. SAME_CODE holds while they stay the same.
+# those pinned to the transformers engine; the HTTP tests on the transformers engine; LoRA
+# training itself (the whole finetune command, conversion included, still runs here). This
+# bake runs the rest of those modules on CTranslate2. SAME_CODE holds while they stay the same.
 SHARED_WITH_DEFAULT = [
     *(QUEUE_TESTS + name for name in (
         "test_a_dead_generation_thread_ends_the_worker_and_its_requests_are_redelivered[continuous]",
@@ -55,10 +57,18 @@ SHARED_WITH_DEFAULT = [
         "test_metrics_parse_and_count_a_known_set_of_requests",
         "test_bench_loads_the_server_closed_and_open_loop",
     )),
+    *(FINETUNE_TESTS + name for name in (
+        "test_the_question_is_not_in_the_training_data_and_the_base_model_gets_it_wrong",
+        "test_the_default_run_lowers_the_eval_loss_and_saves_adapter_and_merged_model",
+        "test_the_merged_model_knows_the_fact_and_still_knows_paris",
+        "test_a_run_is_reproducible_and_a_far_too_high_learning_rate_does_not_improve",
+    )),
 ]  # fmt: skip
 SAME_CODE = ["tests/integration/serving/test_queue.py", "src/PKG/serving/queue/*.py",
              "src/PKG/serving/http/*.py", "src/PKG/engine/hf.py", "src/PKG/engine/continuous.py",
-             "src/PKG/engine/service.py", "src/PKG/engine/streaming.py"]  # fmt: skip
+             "src/PKG/engine/service.py", "src/PKG/engine/streaming.py",
+             "src/PKG/lifecycle/finetune/train.py",
+             "src/PKG/lifecycle/finetune/data.py"]  # fmt: skip
 
 
 def code_of(project: Path) -> dict[str, str]:
@@ -78,9 +88,10 @@ def test_what_the_workflow_run_leaves_to_the_default_bake_is_the_same_code_there
     fullest, default = code_of(bake(BAKE)), code_of(bake(DEFAULTS))
     assert len(fullest) > len(SAME_CODE)
     assert fullest == default
-    tests = (bake(BAKE) / HTTP_TESTS.removesuffix("::")).read_text()
-    for node in SHARED_WITH_DEFAULT:
-        assert f"def {node.split('::')[1].split('[')[0]}(" in tests + "".join(fullest.values())
+    for node in SHARED_WITH_DEFAULT:  # each names a test of both bakes
+        path, name = node.split("::")
+        for project in (bake(BAKE), bake(DEFAULTS)):
+            assert f"def {name.split('[')[0]}(" in (project / path).read_text(), node
 
 
 def reachable(port: int) -> bool:

@@ -15,7 +15,8 @@ import os
 import sys
 
 # Imported before any fork: what every bake's unit tests import (see the module docstring).
-SHARED = ("pytest", "hypothesis", "torch", "transformers", "pydantic_settings", "typer")
+SHARED = ("pytest", "hypothesis", "torch", "transformers", "accelerate", "safetensors", "scipy",
+          "pydantic_settings", "typer", "rich", "pika", "boto3")  # fmt: skip
 
 
 def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> int:
