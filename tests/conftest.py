@@ -174,7 +174,10 @@ def assert_all_ran(output: str) -> None:
 # commands, the fullest bake's workflow) take most of the time. Under pytest-xdist's worksteal
 # scheduling (`make test`) worker k starts with the k-th slice of the collection: each heavy run
 # leads a slice of its own, and the other workers take the light tests around them.
-HEAVY = ("test_workflow.py::", "test_install.py::")
+HEAVY = (
+    "test_workflow.py::test_the_fullest_bakes_workflow_passes_here_step_by_step",
+    "test_install.py::test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pass",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -59,8 +59,6 @@ SHARED_WITH_DEFAULT = [
     )),
     *(FINETUNE_TESTS + name for name in (
         "test_the_question_is_not_in_the_training_data_and_the_base_model_gets_it_wrong",
-        "test_the_default_run_lowers_the_eval_loss_and_saves_adapter_and_merged_model",
-        "test_the_merged_model_knows_the_fact_and_still_knows_paris",
         "test_a_run_is_reproducible_and_a_far_too_high_learning_rate_does_not_improve",
     )),
 ]  # fmt: skip

@@ -25,6 +25,7 @@ def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> in
     if pid == 0:  # the child never returns: whatever happens, it exits here
         code = 70
         try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # stdin is the server's protocol
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
