@@ -202,6 +202,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = light
 
 
+# Where the two whole-suite runs leave their output, durations included: .ci/run prints their
+# slowest tests, so each phase of CI can be measured (pytest shows a passing test's output
+# nowhere, and not at all from an xdist worker).
+SUITE_LOGS = TEMPLATE / "build" / "suite-logs"
+SUITE_DURATIONS = "--durations=25"
+
+
+def keep_suite_log(name: str, output: str) -> None:
+    SUITE_LOGS.mkdir(parents=True, exist_ok=True)
+    (SUITE_LOGS / f"{name}.log").write_text(output)
+
+
 def parallel_env(project: Path) -> dict[str, str]:
     """For a whole rendered suite run beside another (under xdist): one thread per engine, so
     two suites on two cores do not oversubscribe them (torch's OpenMP threads spin)."""

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import assert_all_ran, package_of, parallel_env
+from conftest import SUITE_DURATIONS, assert_all_ran, keep_suite_log, package_of, parallel_env
 
 
 def make(target: str, project, env: dict, timeout: float) -> str:
@@ -28,6 +28,7 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
     # with only what the project's own pyproject.toml installed.
     env[f"{package_of(project).upper()}_CACHE_DIR"] = str(tmp_path / "cache")
     env |= parallel_env(project)
+    env["PYTEST_ADDOPTS"] = SUITE_DURATIONS
 
     make("install", project, env, timeout=1800)
     venv_python = project / ".venv" / "bin" / "python"
@@ -36,6 +37,7 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
     make("lint", project, env, timeout=300)
     # About 27 minutes beside the workflow run (two suites on two cores, one thread each).
     tests = make("test", project, env, timeout=3600)
+    keep_suite_log("default-bake-make-test", tests)
     assert_all_ran(tests)
 
     run = make("run", project, env, timeout=900)

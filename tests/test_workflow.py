@@ -21,7 +21,14 @@ from pathlib import Path
 import yaml
 
 from combinations import AWKWARD_NAMES, DEFAULTS, FULLEST
-from conftest import MODEL_CACHE, assert_all_ran, package_of, parallel_env
+from conftest import (
+    MODEL_CACHE,
+    SUITE_DURATIONS,
+    assert_all_ran,
+    keep_suite_log,
+    package_of,
+    parallel_env,
+)
 
 BAKE = FULLEST | AWKWARD_NAMES
 QUEUE_TESTS = "tests/integration/serving/test_queue.py::"
@@ -113,7 +120,8 @@ def test_the_fullest_bakes_workflow_passes_here_step_by_step(bake, tmp_path):
     env["TORCH_INDEX_URL"] = ""  # this machine's torch wheel (see the module docstring)
     env["PIP_CACHE_DIR"] = str(Path.home() / ".cache" / "pip")  # setup-python's `cache: pip`
     env |= parallel_env(source)
-    env["PYTEST_ADDOPTS"] = " ".join(f"--deselect={node}" for node in SHARED_WITH_DEFAULT)
+    deselect = [f"--deselect={node}" for node in SHARED_WITH_DEFAULT]
+    env["PYTEST_ADDOPTS"] = " ".join([SUITE_DURATIONS, *deselect])
     checkout = tmp_path / "checkout"
     outputs: dict[str, str] = {}
     for step in job["steps"]:
@@ -137,6 +145,7 @@ def test_the_fullest_bakes_workflow_passes_here_step_by_step(bake, tmp_path):
             output = f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
             assert result.returncode == 0, f"step {step.get('name', step['run'])!r}:\n{output}"
             outputs[step["run"]] = result.stdout
+            keep_suite_log(f"fullest-bake-{step['run'].replace(' ', '-')}", result.stdout)
         else:
             raise AssertionError(f"a step this test does not know how to run: {step}")
     assert outputs.keys() == {"make lint", "make test"}

@@ -1,4 +1,7 @@
-"""LoRA fine-tuning of the real bundled model on the shipped sample data (about a minute on CPU)."""
+"""LoRA fine-tuning of the real bundled model on the shipped sample data (about a minute on CPU).
+
+The default run trains once, through the command as a user runs it; the tests of training
+itself use two-step runs."""
 
 from pathlib import Path
 
@@ -6,7 +9,6 @@ import pytest
 
 from {{ cookiecutter.package_name }}.lifecycle.finetune.train import (
     LoraParams,
-    TrainResult,
     train_lora,
 )
 
@@ -31,22 +33,6 @@ def ask(settings, model_dir: Path, question: str) -> str:
     return reply.text
 
 
-@pytest.fixture(scope="module")
-def tuned(model_dir: Path, tmp_path_factory) -> TrainResult:
-    steps: list[tuple[int, float]] = []
-    result = train_lora(
-        model_dir,
-        TRAIN,
-        EVAL,
-        LoraParams(),
-        tmp_path_factory.mktemp("finetune"),
-        on_step=lambda step, loss: steps.append((step, loss)),
-    )
-    assert [step for step, _ in steps] == list(range(1, result.steps + 1))
-    assert [loss for _, loss in steps] == list(result.losses)
-    return result
-
-
 def test_the_question_is_not_in_the_training_data_and_the_base_model_gets_it_wrong(
     settings, model_dir
 ):
@@ -55,28 +41,16 @@ def test_the_question_is_not_in_the_training_data_and_the_base_model_gets_it_wro
     assert FACT_ANSWER not in ask(settings, model_dir, FACT_QUESTION)
 
 
-def test_the_default_run_lowers_the_eval_loss_and_saves_adapter_and_merged_model(tuned):
-    assert tuned.eval_loss_after < tuned.eval_loss_before
-    assert tuned.improved
-    assert tuned.losses[-1] < tuned.losses[0]
-    assert 0 < tuned.trainable_params < tuned.total_params / 100
-    assert (tuned.adapter_dir / "adapter_model.safetensors").is_file()
-    assert (tuned.merged_dir / "model.safetensors").is_file()
-    assert (tuned.merged_dir / "tokenizer.json").is_file()
-    assert tuned.skipped_examples == 0
-
-
-def test_the_merged_model_knows_the_fact_and_still_knows_paris(settings, tuned):
-    assert FACT_ANSWER in ask(settings, tuned.merged_dir, FACT_QUESTION)
-    assert "Paris" in ask(settings, tuned.merged_dir, "What is the capital of France?")
-
-
 def test_a_run_is_reproducible_and_a_far_too_high_learning_rate_does_not_improve(
     model_dir, tmp_path
 ):
     diverging = LoraParams(learning_rate=0.1, steps=2)
-    first = train_lora(model_dir, TRAIN, EVAL, diverging, tmp_path / "a")
+    steps: list[tuple[int, float]] = []
+    first = train_lora(
+        model_dir, TRAIN, EVAL, diverging, tmp_path / "a", on_step=lambda *s: steps.append(s)
+    )
     second = train_lora(model_dir, TRAIN, EVAL, diverging, tmp_path / "b")
+    assert steps == list(enumerate(first.losses, 1))  # each step reported as it ends
     assert first.losses == second.losses
     assert first.eval_loss_after == second.eval_loss_after
     assert not first.improved
@@ -102,6 +76,7 @@ def test_finetune_registers_promotes_and_serves_the_better_model_only(
     mlflow_server, tmp_path, settings, model_dir
 ):
     from mlflow import MlflowClient
+    from safetensors.torch import load_file
 
     from {{ cookiecutter.package_name }}.settings import DEFAULT_QUEUE_PREFIX, ENV_PREFIX
 
@@ -123,8 +98,19 @@ def test_finetune_registers_promotes_and_serves_the_better_model_only(
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     steps = client.get_metric_history(run.info.run_id, "train_loss")
     assert [p.step for p in steps] == list(range(1, int(run.data.params["lora_steps"]) + 1))
+    assert steps[-1].value < steps[0].value
+    assert metrics["skipped_examples"] == 0
     adapter = [a.path for a in client.list_artifacts(run.info.run_id, "adapter")]
     assert "adapter/adapter_config.json" in adapter
+    # The training's own outputs: the adapter (a small fraction of the model) and the merged
+    # model, which knows the held-out fact and still knows what the base model knew.
+    saved = Path(out) / run.info.run_id
+    assert (saved / "adapter" / "adapter_model.safetensors").is_file()
+    assert (saved / "merged" / "tokenizer.json").is_file()
+    total = sum(t.numel() for t in load_file(saved / "merged" / "model.safetensors").values())
+    assert 0 < metrics["trainable_params"] < total / 100
+    assert FACT_ANSWER in ask(settings, saved / "merged", FACT_QUESTION)
+    assert "Paris" in ask(settings, saved / "merged", "What is the capital of France?")
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1" and champion.run_id == run.info.run_id
 
