@@ -2,8 +2,11 @@
 bake shares (torch, transformers, hypothesis: most of a unit run's 15-20 s is their import),
 then forks a child per run, which runs pytest in the bake as `python -m pytest` would there.
 
-Each child starts from the same clean, single-threaded parent, so runs cannot leak into one
-another; only the shared environment's modules are imported before the fork, never a bake's.
+Each child starts from the same clean parent, which has run nothing (its libraries' thread
+pools, OpenBLAS's included, are fork-safe), so runs cannot leak into one another; only the
+shared environment's modules are imported before the fork, never a bake's. The environment
+those libraries read as they load is the server's: the same as a run's but for PYTHONPATH and
+the bake's cache variable (conftest.UnitRunner), which are read later.
 The cold path (a fresh interpreter per project) is still what `make test` runs in the two full
 suites (tests/test_install.py, tests/test_workflow.py).
 
@@ -41,6 +44,9 @@ def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> in
         except BaseException as exc:  # reported in the log, then the exit status
             print(f"unit_runner: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
+            import atexit
+
+            atexit._run_exitfuncs()  # as a normal exit would (pytest unlocks its temp dir)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -49,8 +55,12 @@ def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> in
 
 
 def main() -> None:
+    sys.path.pop(0)  # this script's folder (the template's tests): a bake's run must not see it
     for name in SHARED:
-        __import__(name)
+        try:
+            __import__(name)
+        except ImportError:  # not in this environment: the run imports what it needs itself
+            pass
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

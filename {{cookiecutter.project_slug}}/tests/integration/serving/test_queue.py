@@ -567,7 +567,7 @@ def test_generation_longer_than_three_heartbeats_keeps_the_connection(
 ):
     worker = workers(heartbeat_s=1, max_batch_size=8, **SCHEDULINGS[scheduling])
     text = "Count from 1 to 300, separated by commas. Request {i}."
-    collector = Collector(broker, prefix, numbered(4, max_new_tokens=160, text=text)).start()
+    collector = Collector(broker, prefix, numbered(8, max_new_tokens=160, text=text)).start()
     collector.join()
     collector.assert_each_answered_once()
     slowest = max(r.latency_ms for r in collector.replies.values())
@@ -609,8 +609,7 @@ def test_sigterm_finishes_the_requests_in_hand_and_requeues_the_rest(
 def test_a_second_sigterm_exits_at_once_and_loses_nothing(broker, prefix, workers):
     first = workers(max_batch_size=4, scheduling="static")
     text = "Count from 1 to 300, separated by commas. Request {i}."
-    # 100 tokens: the batch is still running when the second signal comes, a second after.
-    collector = Collector(broker, prefix, numbered(4, max_new_tokens=100, text=text)).start()
+    collector = Collector(broker, prefix, numbered(4, max_new_tokens=200, text=text)).start()
     first.wait_for("generating a batch of")
     first.process.send_signal(signal.SIGTERM)
     first.wait_for("stopping (again to exit at once)")
