@@ -221,6 +221,11 @@ def keep_suite_log(name: str, output: str) -> None:
     (SUITE_LOGS / f"{name}.log").write_text(output)
 
 
+# Variables of this run that a user's shell would not have: the shared environment's, and
+# make's own (`make test PYTEST_ARGS=...` here would reach the bake's `make test` through them).
+OUTSIDE = {"PYTHONPATH", "VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+
+
 def parallel_env(project: Path) -> dict[str, str]:
     """For a whole rendered suite run beside another (under xdist): one thread per engine, so
     two suites on two cores do not oversubscribe them (torch's OpenMP threads spin)."""

@@ -5,7 +5,14 @@ import shutil
 import subprocess
 import sys
 
-from conftest import SUITE_DURATIONS, assert_all_ran, keep_suite_log, package_of, parallel_env
+from conftest import (
+    OUTSIDE,
+    SUITE_DURATIONS,
+    assert_all_ran,
+    keep_suite_log,
+    package_of,
+    parallel_env,
+)
 
 
 def make(target: str, project, env: dict, timeout: float) -> str:
@@ -23,7 +30,7 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
 ):
     project = tmp_path / "project"
     shutil.copytree(bake(default_answers), project)  # the shared bake stays pristine
-    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE}
     # A cache of its own: the bundled model is downloaded and converted as on a new machine,
     # with only what the project's own pyproject.toml installed.
     env[f"{package_of(project).upper()}_CACHE_DIR"] = str(tmp_path / "cache")
