@@ -241,6 +241,14 @@ def parallel_env(project: Path) -> dict[str, str]:
     return env
 
 
+def suite_env(project: Path, *pytest_args: str) -> dict[str, str]:
+    """The environment of a whole rendered suite run: a user's shell (no OUTSIDE variables),
+    one thread per engine beside the other run, its slowest tests reported, and `pytest_args`."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE} | parallel_env(project)
+    env["PYTEST_ADDOPTS"] = " ".join([SUITE_DURATIONS, *pytest_args])
+    return env
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     """Said by the process that reports (under xdist, not the one that collected)."""
     from test_shipping import docker_absent

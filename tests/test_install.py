@@ -1,18 +1,10 @@
 """The default bake, installed as a user installs it: its declared dependencies are complete."""
 
-import os
 import shutil
 import subprocess
 import sys
 
-from conftest import (
-    OUTSIDE,
-    SUITE_DURATIONS,
-    assert_all_ran,
-    keep_suite_log,
-    package_of,
-    parallel_env,
-)
+from conftest import assert_all_ran, keep_suite_log, package_of, suite_env
 
 
 def make(target: str, project, env: dict, timeout: float) -> str:
@@ -30,12 +22,10 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
 ):
     project = tmp_path / "project"
     shutil.copytree(bake(default_answers), project)  # the shared bake stays pristine
-    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE}
+    env = suite_env(project)
     # A cache of its own: the bundled model is downloaded and converted as on a new machine,
     # with only what the project's own pyproject.toml installed.
     env[f"{package_of(project).upper()}_CACHE_DIR"] = str(tmp_path / "cache")
-    env |= parallel_env(project)
-    env["PYTEST_ADDOPTS"] = SUITE_DURATIONS
 
     make("install", project, env, timeout=1800)
     venv_python = project / ".venv" / "bin" / "python"

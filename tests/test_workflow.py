@@ -22,15 +22,7 @@ from pathlib import Path
 import yaml
 
 from combinations import AWKWARD_NAMES, DEFAULTS, FULLEST
-from conftest import (
-    MODEL_CACHE,
-    OUTSIDE,
-    SUITE_DURATIONS,
-    assert_all_ran,
-    keep_suite_log,
-    package_of,
-    parallel_env,
-)
+from conftest import MODEL_CACHE, assert_all_ran, keep_suite_log, package_of, suite_env
 
 BAKE = FULLEST | AWKWARD_NAMES
 QUEUE_TESTS = "tests/integration/serving/test_queue.py::"
@@ -123,13 +115,10 @@ def test_the_fullest_bakes_workflow_passes_here_step_by_step(bake, tmp_path):
     # A fresh HOME of 90+ characters: Ray's socket paths must fit whatever the home's length.
     home = tmp_path / ("home-" + "h" * max(0, 92 - len(str(tmp_path))))
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE}
+    env = suite_env(source, *(f"--deselect={node}" for node in SHARED_WITH_DEFAULT))
     env |= {k: str(v) for k, v in job["env"].items()} | {"HOME": str(home)}
     env["TORCH_INDEX_URL"] = ""  # this machine's torch wheel (see the module docstring)
     env["PIP_CACHE_DIR"] = str(Path.home() / ".cache" / "pip")  # setup-python's `cache: pip`
-    env |= parallel_env(source)
-    deselect = [f"--deselect={node}" for node in SHARED_WITH_DEFAULT]
-    env["PYTEST_ADDOPTS"] = " ".join([SUITE_DURATIONS, *deselect])
     checkout = tmp_path / "checkout"
     outputs: dict[str, str] = {}
     for step in job["steps"]:
