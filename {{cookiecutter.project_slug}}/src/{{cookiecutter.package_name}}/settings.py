@@ -200,7 +200,10 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, path: Path) -> Path:
         """`~` in .env, which no shell expands (pip would, and the two would disagree)."""
-        return path.expanduser()
+        try:
+            return path.expanduser()
+        except RuntimeError:  # ~user for a user this machine does not have
+            raise ValueError(f"cannot expand {path}: no such home directory") from None
 
     @property
     def models_dir(self) -> Path:

@@ -56,6 +56,9 @@ def test_a_home_relative_path_in_dotenv_is_expanded(monkeypatch, tmp_path):
     settings = load_settings()
     assert settings.cache_dir == tmp_path / "home" / "models"
     assert settings.tracking_dir == tmp_path / "home" / "runs"
+    (tmp_path / ".env").write_text(f"{ENV_PREFIX}CACHE_DIR=~no-such-user-here/models\n")
+    with pytest.raises(SettingsError, match=r"CACHE_DIR.*no such home directory"):
+        load_settings()
 
 
 def test_explicit_overrides_win_and_none_means_not_given(monkeypatch):
