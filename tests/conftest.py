@@ -226,6 +226,18 @@ def keep_suite_log(name: str, output: str) -> None:
 OUTSIDE = {"PYTHONPATH", "VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
 
 
+def make_command_line_variables() -> set[str]:
+    """The variables given on the template's make command line (`make test PYTEST_ARGS=...`):
+    make exports them to its recipes, so they are in this environment as well as MAKEFLAGS."""
+    import shlex
+
+    flags = os.environ.get("MAKEFLAGS", "")
+    if " -- " not in f" {flags} ":
+        return set()
+    definitions = shlex.split(f" {flags} ".split(" -- ", 1)[1])
+    return {d.split("=", 1)[0].split(":")[0] for d in definitions if "=" in d}
+
+
 def parallel_env(project: Path) -> dict[str, str]:
     """For a whole rendered suite run beside another (under xdist): one thread per engine, so
     two suites on two cores do not oversubscribe them (torch's OpenMP threads spin)."""
@@ -244,7 +256,8 @@ def parallel_env(project: Path) -> dict[str, str]:
 def suite_env(project: Path, *pytest_args: str) -> dict[str, str]:
     """The environment of a whole rendered suite run: a user's shell (no OUTSIDE variables),
     one thread per engine beside the other run, its slowest tests reported, and `pytest_args`."""
-    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE} | parallel_env(project)
+    outside = OUTSIDE | make_command_line_variables()
+    env = {k: v for k, v in os.environ.items() if k not in outside} | parallel_env(project)
     env["PYTEST_ADDOPTS"] = " ".join([SUITE_DURATIONS, *pytest_args])
     return env
 

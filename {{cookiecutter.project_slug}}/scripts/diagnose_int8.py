@@ -4,7 +4,7 @@ A research tool, not part of the service: when the quality gate refuses int8, th
 the damage comes from the weights or the activations, and from which layer group. Run it in the
 project's environment:
 
-    python scripts/diagnose_int8.py [--model SPEC]
+    python scripts/diagnose_int8.py [--model SPEC] [--prompts N]
 
 It prints a Markdown table of teacher-forced top-1 agreement with the float model on the
 evaluation set the gate uses.
@@ -98,9 +98,23 @@ def _fake_int8_input(module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return ((x / scale).round() * scale,)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1, or argparse's one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Model spec; default from settings")
+    parser.add_argument(
+        "--prompts", type=positive, help="Only the first N evaluation prompts (a quick look)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -110,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelSourceError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = diagnose_int8(Reference(model_dir, EvalSet.load(EVAL_DIR)))
+    eval_set = EvalSet.load(EVAL_DIR)
+    eval_set.chats = eval_set.chats[: args.prompts]
+    rows = diagnose_int8(Reference(model_dir, eval_set))
     print("| int8 simulated on | top-1 agreement |\n| --- | --- |")
     for label, top1 in rows:
         print(f"| {label} | {top1:.1%} |")

@@ -140,6 +140,20 @@ class Promotion:
     baseline: str  # what the candidate was compared with, in words
 
 
+def champion_baseline(
+    tracking_uri: str, name: str, alias: str, eval_digest: str, base_loss: float
+) -> tuple[float, str]:
+    """(eval loss, in words) that a candidate must beat to take `name@alias`: the holder's
+    `eval_loss` tag on the same eval data (`eval_digest`); for a holder without one, or no holder
+    at all, the base model's loss (`base_loss`)."""
+    holder = alias_version(tracking_uri, name, alias)
+    tags = dict(holder.tags) if holder is not None else {}
+    if holder is not None and tags.get("eval_data") == eval_digest and "eval_loss" in tags:
+        return float(tags["eval_loss"]), f"{name}@{alias} (version {holder.version})"
+    unmeasured = f" ({name}@{alias} has no eval loss on this data)" if holder else ""
+    return base_loss, f"the base model{unmeasured}"
+
+
 def promote_if_better(
     tracking_uri: str,
     candidate: Registered,
@@ -148,27 +162,16 @@ def promote_if_better(
     eval_digest: str,
     base_loss: float,
 ) -> Promotion:
-    """Point `alias` at `candidate` only if its eval loss beats the current holder's.
-
-    The holder's loss is the `eval_loss` tag it was registered with on the same eval data
-    (`eval_digest`); a holder without one, or no holder at all, is compared as the base model
-    the candidate was trained from (`base_loss`). Tags the candidate with its loss either way.
-    """
+    """Point `alias` at `candidate` only if its eval loss beats `champion_baseline`'s, read
+    now. Tags the candidate with its loss either way."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     for key, value in {"eval_loss": f"{eval_loss:.6f}", "eval_data": eval_digest}.items():
         client.set_model_version_tag(candidate.name, candidate.version, key, value)
-    holder = alias_version(tracking_uri, candidate.name, alias)
-    tags = dict(holder.tags) if holder is not None else {}
-    if holder is not None and tags.get("eval_data") == eval_digest and "eval_loss" in tags:
-        baseline_loss = float(tags["eval_loss"])
-        baseline = f"{candidate.name}@{alias} (version {holder.version})"
-    else:
-        baseline_loss = base_loss
-        baseline = "the base model" + (
-            f" ({candidate.name}@{alias} has no eval loss on this data)" if holder else ""
-        )
+    baseline_loss, baseline = champion_baseline(
+        tracking_uri, candidate.name, alias, eval_digest, base_loss
+    )
     promoted = eval_loss < baseline_loss
     if promoted:
         set_alias(tracking_uri, candidate.name, alias, candidate.version)

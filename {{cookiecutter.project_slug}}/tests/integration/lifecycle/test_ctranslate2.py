@@ -79,7 +79,8 @@ def test_a_degraded_quantization_is_refused_with_one_clear_line(settings):
 
 def test_the_int8_diagnosis_script_prints_agreement_per_step_and_layer_group(model_dir):
     result = subprocess.run(
-        [sys.executable, "scripts/diagnose_int8.py"], capture_output=True, text=True,
+        [sys.executable, "scripts/diagnose_int8.py", "--prompts", "4"],
+        capture_output=True, text=True,
         timeout=900, cwd=PROJECT_ROOT, env=os.environ.copy(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -129,6 +129,15 @@ def test_finetune_registers_promotes_and_serves_the_better_model_only(
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     versions = {v.version for v in client.search_model_versions(f"name = '{name}'")}
     assert versions == {"1", "2"}
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'finetune'")
+    engines = {r.data.tags["model_version"]: r.data.tags["engine"] for r in runs}
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+    # Only a model that may be promoted goes through the gate; this one is logged as trained.
+    assert engines == {"1": "ctranslate2", "2": "transformers"}
+    assert "running convert" in tuned.stderr and "running convert" not in worse.stderr
+{%- else %}
+    assert engines == {"1": "transformers", "2": "transformers"}
+{%- endif %}
 
 
 def test_bad_data_is_one_line_and_nothing_is_registered(tmp_path, model_dir):

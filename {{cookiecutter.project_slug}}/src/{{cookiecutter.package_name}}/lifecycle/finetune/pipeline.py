@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...settings import Settings
-from ..registry import log_model, promote_if_better, register
+from ..registry import{% if cookiecutter.inference_backend == "ctranslate2" %} champion_baseline,{% endif %} log_model, promote_if_better, register
 from ..sources import resolve_for
 from ..tracking import settings_params, start_run, tracking_uri
 from .train import LoraParams, TrainResult, train_lora
@@ -25,7 +25,8 @@ def run_finetune(
     """Fine-tune the settings' model on `data` (LORA_* and FINETUNE_* settings) in a `finetune`
     run that records the parameters, each step's loss and the eval losses and logs the adapter;
     with `register_model`, register the merged model and move the champion alias to it only if
-    its eval loss beats the champion's on the same eval file. The adapter and merged model go to
+    its eval loss beats the champion's on the same eval file{% if cookiecutter.inference_backend == "ctranslate2" %} (converted to CTranslate2 through
+    the quality gate first when it may be promoted){% endif %}. The adapter and merged model go to
     out/<run id> (out/<timestamp> with tracking off). `show` gets a line when training is done,
     before anything is registered, and one on what was registered and promoted. Raises
     FileNotFoundError for a missing data file and DatasetError for bad data (the run then ends
@@ -78,14 +79,16 @@ def run_finetune(
         if not register_model:
             return result
         engine, served = "transformers", result.merged_dir
+        uri = tracking_uri(settings)
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-        if settings.backend == "ctranslate2":  # through the quality gate: a refusal raises
+        if settings.backend == "ctranslate2" and _may_be_promoted(settings, result, digest):
             from ..quantize import ensure_converted
 
+            # Through the quality gate (a refusal raises). A model that will not be promoted
+            # is registered as it is: the gate runs if it is ever served.
             tuned = settings.model_copy(update={"model": str(served)})
             engine, served = "ctranslate2", ensure_converted(tuned)[0]
 {%- endif %}
-        uri = tracking_uri(settings)
         registered = register(uri, log_model(run, served, engine), settings.registered_model)
         promotion = promote_if_better(
             uri,
@@ -95,7 +98,9 @@ def run_finetune(
             digest,
             result.eval_loss_before,
         )
-        run.set_tags({"model_version": registered.version, "promoted": promotion.promoted})
+        run.set_tags(
+            {"model_version": registered.version, "promoted": promotion.promoted, "engine": engine}
+        )
     champion = f"{registered.name}@{settings.champion_alias}"
     losses = f"eval loss {result.eval_loss_after:.4f} against {promotion.baseline_loss:.4f}"
     if promotion.promoted:
@@ -104,3 +109,16 @@ def run_finetune(
         verdict = f"not promoted, {champion} is unchanged ({losses} of {promotion.baseline})"
     show(f"registered {registered.model_uri}, {verdict}")
     return result
+{%- if cookiecutter.inference_backend == "ctranslate2" %}
+
+
+def _may_be_promoted(settings: Settings, result: TrainResult, eval_digest: str) -> bool:
+    baseline_loss, _ = champion_baseline(
+        tracking_uri(settings),
+        settings.registered_model,
+        settings.champion_alias,
+        eval_digest,
+        result.eval_loss_before,
+    )
+    return result.eval_loss_after < baseline_loss
+{%- endif %}
