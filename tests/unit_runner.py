@@ -17,9 +17,17 @@ import json
 import os
 import sys
 
-# Imported before any fork: what every bake's unit tests import (see the module docstring).
+# Imported before any fork: what the bakes' unit tests import (see the module docstring), the
+# lazily loaded parts included (sympy through torch, transformers' tokenizer classes, typer's
+# help), measured as a default and a fullest run's new modules. Each leaves the process with
+# the one native thread torch's import starts; transformers.modeling_utils would add one more,
+# so the models' modules are left to the runs.
 SHARED = ("pytest", "hypothesis", "torch", "transformers", "accelerate", "safetensors", "scipy",
-          "pydantic_settings", "typer", "rich", "pika", "boto3")  # fmt: skip
+          "pydantic_settings", "typer", "rich", "pika", "boto3", "sympy", "tokenizers",
+          "transformers.models.auto.tokenization_auto",
+          "transformers.tokenization_utils_tokenizers", "ray", "ctranslate2", "requests",
+          "markdown_it", "google.protobuf", "anyio", "PIL", "psutil", "jsonschema",
+          "rich.console", "typer.rich_utils")  # fmt: skip
 
 
 def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> int:
