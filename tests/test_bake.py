@@ -151,8 +151,10 @@ CTRANSLATE2_FILES = {
     "src/{pkg}/engine/tokenizer.py",
     "src/{pkg}/lifecycle/ct2_pyfunc.py",
     "src/{pkg}/lifecycle/quantize.py",
+    "src/{pkg}/lifecycle/refusals.py",
     "tests/integration/lifecycle/test_ctranslate2.py",
     "tests/unit/engine/test_ct2.py",
+    "tests/unit/lifecycle/test_refusals.py",
 }
 
 

@@ -22,6 +22,7 @@ from ..engine.tokenizer import TOKENIZER_FILES
 from ..errors import ModelSourceError
 from ..settings import ENV_PREFIX, Settings
 from .quality import EVAL_DIR, EvalSet, GateReport, Reference, Thresholds, evaluate
+from .refusals import forget, refused_before, remember
 from .sources import check_model, resolve_for
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,11 @@ def convert(
     reference: Reference | None = None
     reports = []
     for scheme in schemes:
-        report = already_published(settings, hf_dir, scheme) if not force else None
+        report = None
+        if not force:
+            report = already_published(settings, hf_dir, scheme) or refused_before(
+                published_dir(settings, scheme), hf_dir, thresholds
+            )
         if report is None:
             if reference is None:
                 log.info("computing the float reference on the evaluation set (%s)", EVAL_DIR)
@@ -203,7 +208,9 @@ def convert_one(
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if not report.passed and not force:
             log.warning("[%s] refused by the quality gate: %s", scheme, report.why())
+            remember(target, hf_dir, report)
             return report
+        forget(target)
         if target.exists():
             target.rename(Path(tmp) / "old")
         staging.rename(target)
