@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # Three pytest-xdist workers on 2 cores: two lead the whole rendered suites (one engine thread
 # each), the third runs the light checks beside them, whose waits on subprocesses would leave a
-# core idle if they ran after; measured, see README. JOBS=0 runs in one process.
+# core idle if they ran after (a quarter of it, measured in .ci/run). JOBS=0: one process.
 JOBS ?= 3
 DEMO ?= build/demo
 

@@ -80,6 +80,8 @@ class UnitRunner:
         import subprocess
 
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+        # One thread: the runs share 2 cores with the two whole suites (see parallel_env).
+        env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("unit_runner.py"))], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
@@ -228,14 +230,15 @@ OUTSIDE = {"PYTHONPATH", "VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
 
 def make_command_line_variables() -> set[str]:
     """The variables given on the template's make command line (`make test PYTEST_ARGS=...`):
-    make exports them to its recipes, so they are in this environment as well as MAKEFLAGS."""
-    import shlex
+    make exports them to its recipes, so they are in this environment as well as MAKEFLAGS,
+    after its ` -- `, each word with its whitespace and backslashes escaped by a backslash."""
+    import re
 
-    flags = os.environ.get("MAKEFLAGS", "")
-    if " -- " not in f" {flags} ":
+    flags = f" {os.environ.get('MAKEFLAGS', '')} "
+    if " -- " not in flags:
         return set()
-    definitions = shlex.split(f" {flags} ".split(" -- ", 1)[1])
-    return {d.split("=", 1)[0].split(":")[0] for d in definitions if "=" in d}
+    words = re.findall(r"(?:\\.|\S)+", flags.split(" -- ", 1)[1])
+    return {found[1] for word in words if (found := re.match(r"([^\s:=]+):*=", word))}
 
 
 def parallel_env(project: Path) -> dict[str, str]:

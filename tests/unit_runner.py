@@ -64,11 +64,13 @@ def run_in_child(cwd: str, env: dict[str, str], args: list[str], log: str) -> in
 
 def main() -> None:
     sys.path.pop(0)  # this script's folder (the template's tests): a bake's run must not see it
+    path = list(sys.path)
     for name in SHARED:
         try:
             __import__(name)
         except ImportError:  # not in this environment: the run imports what it needs itself
             pass
+    sys.path[:] = path  # as it was: ray puts its vendored packages first
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

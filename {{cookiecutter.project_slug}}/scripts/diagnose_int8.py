@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     eval_set = EvalSet.load(EVAL_DIR)
+    total = len(eval_set.chats)
     eval_set.chats = eval_set.chats[: args.prompts]
     rows = diagnose_int8(Reference(model_dir, eval_set))
+    print(f"On {len(eval_set.chats)} of the {total} evaluation prompts:\n")
     print("| int8 simulated on | top-1 agreement |\n| --- | --- |")
     for label, top1 in rows:
         print(f"| {label} | {top1:.1%} |")

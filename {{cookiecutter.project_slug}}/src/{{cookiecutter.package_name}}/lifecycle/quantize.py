@@ -141,7 +141,7 @@ def convert(
         report = None
         if not force:
             report = already_published(settings, hf_dir, scheme) or refused_before(
-                published_dir(settings, scheme), hf_dir, thresholds
+                published_dir(settings, scheme), hf_dir, gate_device(), thresholds
             )
         if report is None:
             if reference is None:
@@ -208,7 +208,7 @@ def convert_one(
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if not report.passed and not force:
             log.warning("[%s] refused by the quality gate: %s", scheme, report.why())
-            remember(target, hf_dir, report)
+            remember(target, hf_dir, gate_device(), report)
             return report
         forget(target)
         if target.exists():

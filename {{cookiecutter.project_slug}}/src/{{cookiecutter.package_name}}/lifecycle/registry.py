@@ -161,18 +161,21 @@ def promote_if_better(
     eval_loss: float,
     eval_digest: str,
     base_loss: float,
+    engine: str,
+    eligible: bool = True,
 ) -> Promotion:
-    """Point `alias` at `candidate` only if its eval loss beats `champion_baseline`'s, read
-    now. Tags the candidate with its loss either way."""
+    """Point `alias` at `candidate` only if it is `eligible` and its eval loss beats
+    `champion_baseline`'s, read now. Tags the candidate with its loss and engine either way."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    for key, value in {"eval_loss": f"{eval_loss:.6f}", "eval_data": eval_digest}.items():
+    tags = {"eval_loss": f"{eval_loss:.6f}", "eval_data": eval_digest, "engine": engine}
+    for key, value in tags.items():
         client.set_model_version_tag(candidate.name, candidate.version, key, value)
     baseline_loss, baseline = champion_baseline(
         tracking_uri, candidate.name, alias, eval_digest, base_loss
     )
-    promoted = eval_loss < baseline_loss
+    promoted = eligible and eval_loss < baseline_loss
     if promoted:
         set_alias(tracking_uri, candidate.name, alias, candidate.version)
     return Promotion(promoted, baseline_loss, baseline)

@@ -88,6 +88,7 @@ def test_the_int8_diagnosis_script_prints_agreement_per_step_and_layer_group(mod
         timeout=900, cwd=PROJECT_ROOT, env=os.environ.copy(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "On 4 of the 32 evaluation prompts:" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows[:2] == ["| int8 simulated on | top-1 agreement |", "| --- | --- |"]
     # all layers three ways (weights and activations, weights, activations), then 4 groups

@@ -131,6 +131,7 @@ def test_finetune_registers_promotes_and_serves_the_better_model_only(
     assert versions == {"1", "2"}
     runs = client.search_runs([experiment.experiment_id], "tags.kind = 'finetune'")
     engines = {r.data.tags["model_version"]: r.data.tags["engine"] for r in runs}
+    assert engines == {v: client.get_model_version(name, v).tags["engine"] for v in "12"}
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
     # Only a model that may be promoted goes through the gate; this one is logged as trained.
     assert engines == {"1": "ctranslate2", "2": "transformers"}

@@ -80,12 +80,16 @@ def run_finetune(
             return result
         engine, served = "transformers", result.merged_dir
         uri = tracking_uri(settings)
+        eligible = True
 {%- if cookiecutter.inference_backend == "ctranslate2" %}
-        if settings.backend == "ctranslate2" and _may_be_promoted(settings, result, digest):
+        if settings.backend == "ctranslate2":
+            # Through the quality gate (a refusal raises) if it may be promoted; otherwise it
+            # is registered as it is (the gate runs if it is ever served) and cannot be
+            # promoted, whatever the champion turns out to be by then.
+            eligible = _may_be_promoted(settings, result, digest)
+        if eligible and settings.backend == "ctranslate2":
             from ..quantize import ensure_converted
 
-            # Through the quality gate (a refusal raises). A model that will not be promoted
-            # is registered as it is: the gate runs if it is ever served.
             tuned = settings.model_copy(update={"model": str(served)})
             engine, served = "ctranslate2", ensure_converted(tuned)[0]
 {%- endif %}
@@ -97,6 +101,8 @@ def run_finetune(
             result.eval_loss_after,
             digest,
             result.eval_loss_before,
+            engine,
+            eligible,
         )
         run.set_tags(
             {"model_version": registered.version, "promoted": promotion.promoted, "engine": engine}
