@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import assert_all_ran, keep_suite_log, package_of, suite_env
+from conftest import assert_all_ran, keep_suite_log, mypy_cache, package_of, suite_env
 
 
 def make(target: str, project, env: dict, timeout: float) -> str:
@@ -31,6 +31,7 @@ def test_the_default_bake_installs_into_a_clean_venv_and_its_readme_commands_pas
     venv_python = project / ".venv" / "bin" / "python"
     assert venv_python.is_file() and (project / ".venv" / "bin" / "llm-service").is_file()
 
+    env["MYPY_CACHE_DIR"] = str(mypy_cache(tmp_path / "mypy-cache"))  # as a CI would keep it
     make("lint", project, env, timeout=300)
     # About 27 minutes beside the workflow run (two suites on two cores, one thread each).
     tests = make("test", project, env, timeout=3600)

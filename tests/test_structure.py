@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from combinations import CODE_AXES, DEFAULTS, FULLEST, combo_id
-from conftest import package_of
+from conftest import keep_mypy_cache, mypy_cache, package_of
 
 MAX_MODULE_LINES = 300
 MAX_COMMAND_LINES = 40
@@ -66,16 +66,18 @@ def test_no_command_function_is_over_40_lines(combo, bake):
 
 
 @pytest.mark.parametrize("code", CODE_BAKES, ids=combo_id)
-def test_mypy_is_clean(code, bake, tmp_path_factory):
+def test_mypy_is_clean(code, bake, tmp_path):
     """mypy, as `make lint` runs it (its config is the bake's pyproject.toml), finds nothing.
-    One cache for every bake: the modules they share are checked once."""
+    It starts from the kept cache (conftest.MYPY_CACHE): the modules bakes share are checked
+    once."""
     project = bake(code)
-    cache = tmp_path_factory.getbasetemp() / "mypy-cache"
+    cache = mypy_cache(tmp_path / "mypy-cache")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(cache)],
         cwd=project, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    keep_mypy_cache(cache)
 
 
 @pytest.mark.parametrize("combo", DOC_BAKES, ids=combo_id)

@@ -22,7 +22,14 @@ from pathlib import Path
 import yaml
 
 from combinations import AWKWARD_NAMES, DEFAULTS, FULLEST
-from conftest import MODEL_CACHE, assert_all_ran, keep_suite_log, package_of, suite_env
+from conftest import (
+    MODEL_CACHE,
+    assert_all_ran,
+    keep_suite_log,
+    mypy_cache,
+    package_of,
+    suite_env,
+)
 
 BAKE = FULLEST | AWKWARD_NAMES
 QUEUE_TESTS = "tests/integration/serving/test_queue.py::"
@@ -119,6 +126,8 @@ def test_the_fullest_bakes_workflow_passes_here_step_by_step(bake, tmp_path):
     env |= {k: str(v) for k, v in job["env"].items()} | {"HOME": str(home)}
     env["TORCH_INDEX_URL"] = ""  # this machine's torch wheel (see the module docstring)
     env["PIP_CACHE_DIR"] = str(Path.home() / ".cache" / "pip")  # setup-python's `cache: pip`
+    # Not a step of the workflow: mypy's cache, kept as the model is (conftest.MYPY_CACHE).
+    env["MYPY_CACHE_DIR"] = str(mypy_cache(tmp_path / "mypy-cache"))
     checkout = tmp_path / "checkout"
     outputs: dict[str, str] = {}
     for step in job["steps"]:
