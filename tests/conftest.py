@@ -162,13 +162,32 @@ def unit_tests(tmp_path_factory):
 MYPY_CACHE = MODEL_CACHE / "mypy-cache"
 
 
+def intact(cache: Path) -> bool:
+    """Every SQLite file of a mypy cache passes SQLite's quick check (mypy stops with an
+    internal error on a damaged one, and would on every later run)."""
+    import contextlib
+    import sqlite3
+
+    for db in cache.rglob("*.db"):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                if conn.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                    return False
+        except sqlite3.DatabaseError:
+            return False
+    return True
+
+
 def mypy_cache(private: Path) -> Path:
-    """`private`, holding a copy of the kept mypy cache if there is one: a run's cache dir."""
+    """`private`, holding a copy of the kept mypy cache if there is one and it is intact (a
+    damaged one is dropped): a run's cache dir."""
     import shutil
 
     from filelock import FileLock
 
     with FileLock(f"{MYPY_CACHE}.lock"):
+        if MYPY_CACHE.is_dir() and not intact(MYPY_CACHE):
+            shutil.rmtree(MYPY_CACHE)
         if MYPY_CACHE.is_dir():
             shutil.copytree(MYPY_CACHE, private, dirs_exist_ok=True)
     private.mkdir(parents=True, exist_ok=True)
