@@ -95,6 +95,7 @@ BASE_FILES = {
     "src/{pkg}/bench/__init__.py",
     "src/{pkg}/bench/child.py",
     "src/{pkg}/bench/http_load.py",
+    "src/{pkg}/bench/against.py",
     "src/{pkg}/bench/modes.py",
     "src/{pkg}/bench/run.py",
     "src/{pkg}/cli/__init__.py",

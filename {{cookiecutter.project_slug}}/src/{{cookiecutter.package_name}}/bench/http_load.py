@@ -36,6 +36,7 @@ class Sample:
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+    text: str = ""  # the streamed answer
 
 
 @dataclass
@@ -73,10 +74,18 @@ class LoadResult(Rates):
 class Target:
     """An OpenAI-compatible server: its base URL (with or without /v1), model and key."""
 
-    def __init__(self, url: str, model: str | None, api_key: str | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        api_key: str | None,
+        timeout_s: float,
+        option: str = "--url",
+    ) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(f"--url {url!r} is not an http(s) URL")
+            raise SettingsError(f"{option} {url!r} is not an http(s) URL")
+        self.url = url
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.prefix = parts.path.rstrip("/").removesuffix("/v1")
         self.headers = {"Content-Type": "application/json"}
@@ -108,7 +117,7 @@ class Target:
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
         }  # fmt: skip
         started = time.perf_counter()
-        sample, last, chunks = Sample(ok=False), 0.0, 0
+        sample, last, chunks, pieces = Sample(ok=False), 0.0, 0, []
         try:
             connection = self._connect()
             path = f"{self.prefix}/v1/chat/completions"
@@ -125,7 +134,8 @@ class Target:
                 if chunk.get("usage"):
                     sample.tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
+                if piece := choices[0].get("delta", {}).get("content"):
+                    pieces.append(piece)
                     now = time.perf_counter() - started
                     if chunks:
                         sample.gaps.append(now - last)
@@ -136,6 +146,7 @@ class Target:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return Sample(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
         sample.ok, sample.e2e = True, time.perf_counter() - started
+        sample.text = "".join(pieces)
         sample.tokens = sample.tokens or chunks
         return sample
 
@@ -152,17 +163,18 @@ def closed_loop(
 def open_loop(
     target: Target, prompts: list[list[dict]], max_tokens: int, rate: float, seed: int = 0
 ) -> LoadResult:
-    """Poisson arrivals at `rate` requests/s (exponential gaps, seeded), each on its own thread."""
+    """Poisson arrivals at `rate` requests/s (exponential gaps, seeded), each on its own thread;
+    the samples in the order of `prompts`."""
     gaps = random.Random(seed)
-    samples: list[Sample] = []
+    samples: list[Sample] = [Sample(ok=False, error="not sent")] * len(prompts)
     threads = []
     started = time.perf_counter()
     due = 0.0
-    for messages in prompts:
+    for i, messages in enumerate(prompts):
         due += gaps.expovariate(rate)
         time.sleep(max(0.0, started + due - time.perf_counter()))
         thread = threading.Thread(
-            target=lambda m=messages: samples.append(target.stream(m, max_tokens))
+            target=lambda i=i, m=messages: samples.__setitem__(i, target.stream(m, max_tokens))
         )
         thread.start()
         threads.append(thread)

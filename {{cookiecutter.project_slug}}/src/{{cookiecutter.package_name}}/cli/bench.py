@@ -8,41 +8,53 @@ import typer
 from ..cli.app import app, fail
 from ..settings import Settings, load_settings
 
-HTTP = {"rich_help_panel": "HTTP load (--url)"}
+HTTP = {"rich_help_panel": "HTTP load (--url, --against)"}
+DEFAULT_PROMPTS = Path("data/bench_prompts.jsonl")
+
+
+# The options of `bench --url`/`--against`, as types: the command's signature stays readable.
+Url = Annotated[str | None, typer.Option(help="Load this OpenAI-compatible server instead", **HTTP)]
+Concurrency = Annotated[str, typer.Option(help="Closed-loop clients per level", **HTTP)]
+Rate = Annotated[float | None, typer.Option(min=0.01, help="Then open-loop requests/s", **HTTP)]
+Model = Annotated[str | None, typer.Option(help="Default: its first model", **HTTP)]
+Against = Annotated[
+    str | None, typer.Option(help="And this peer, side by side (--url: default ours)", **HTTP)
+]
+AgainstModel = Annotated[str | None, typer.Option(help="The peer's model", **HTTP)]
+Modes = Annotated[
+    str | None, typer.Option(help="Comma-separated modes; default: every mode available")
+]
+Load = Annotated[
+    float, typer.Option(min=0.05, max=1.0, help="Open-loop rate, as a fraction of saturation")
+]
 
 
 @app.command(rich_help_panel="Benchmark")
 def bench(
-    prompts: Annotated[Path, typer.Option(help="JSONL of prompts")] = Path(
-        "data/bench_prompts.jsonl"
-    ),
+    prompts: Annotated[Path, typer.Option(help="JSONL of prompts")] = DEFAULT_PROMPTS,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    modes: Annotated[
-        str | None, typer.Option(help="Comma-separated modes; default: every mode available")
-    ] = None,
-    load: Annotated[
-        float, typer.Option(min=0.05, max=1.0, help="Open-loop rate, as a fraction of saturation")
-    ] = 0.7,
+    modes: Modes = None,
+    load: Load = 0.7,
     out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
-    url: Annotated[
-        str | None, typer.Option(help="Load this OpenAI-compatible server instead", **HTTP)
-    ] = None,
-    concurrency: Annotated[
-        str, typer.Option(help="Closed-loop clients per level", **HTTP)
-    ] = "1,8,32",
-    rate: Annotated[
-        float | None, typer.Option(min=0.01, help="Then open-loop requests/s", **HTTP)
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="Default: its first model", **HTTP)] = None,
+    url: Url = None,
+    concurrency: Concurrency = "1,8,32",
+    rate: Rate = None,
+    model: Model = None,
+    against: Against = None,
+    against_model: AgainstModel = None,
 ) -> None:
     """Benchmark every engine and the worker on one prompt set; ratios to the naive baseline.
 
     With --url, load an OpenAI-compatible server (this project's `serve`, llama-server, vLLM)
-    with streamed chat completions: TTFT, inter-token and end-to-end latency per level.
+    with streamed chat completions: TTFT, inter-token and end-to-end latency per level. With
+    --against, load ours (--url, default this project's HTTP_HOST:HTTP_PORT) and that peer in
+    turn, level by level, with the ratio of each metric.
     """
     settings = load_settings()
-    if url is not None:
-        _load_server(settings, url, model, concurrency, rate, prompts, max_new_tokens, out)
+    if url is not None or against is not None:
+        url = url or f"http://{settings.http_host}:{settings.http_port}"
+        peer = (against, against_model)
+        _load_server(settings, url, model, peer, concurrency, rate, prompts, max_new_tokens, out)
         return
     from ..bench.run import run_bench
 
@@ -51,8 +63,8 @@ def bench(
 
 
 def _load_server(
-    settings: Settings, url: str, model: str | None, concurrency: str, rate: float | None,
-    prompts: Path, max_new_tokens: int, out: Path,
+    settings: Settings, url: str, model: str | None, peer: tuple[str | None, str | None],
+    concurrency: str, rate: float | None, prompts: Path, max_new_tokens: int, out: Path,
 ) -> None:  # fmt: skip
     from ..bench.http_load import Target, run_http_bench
 
@@ -61,6 +73,15 @@ def _load_server(
         fail(f"--concurrency {concurrency!r}: give positive integers, e.g. 1,8,32")
     key = settings.api_key.get_secret_value() if settings.api_key else None
     target = Target(url, model, key, settings.reply_timeout_s)
+    if peer[0] is not None:
+        from ..bench.against import run_against
+
+        other = Target(peer[0], peer[1], None, settings.reply_timeout_s, option="--against")
+        load = (levels, rate)
+        run_against(
+            settings, target, other, prompts, max_new_tokens, load, out / "against", typer.echo
+        )
+        return
     run_http_bench(
         settings, target, prompts, max_new_tokens, levels, rate, out / "http", typer.echo
     )
