@@ -3,11 +3,11 @@
 A static batch holds every request until its longest one is done, and an arrival waits for the
 batch in flight: under load, latency grows to several batches' time. Here each step decodes one
 token for every running request; a finished one leaves at once and a waiting one joins at the
-next step (iteration-level scheduling, as in Orca, vLLM and TGI). The KV cache is one left-padded
-`DynamicCache`: each newcomer is prefilled on its own, its keys and values padded to the batch's
-length and appended as a row; finished rows are dropped and columns that hold only padding are
-trimmed. Each sampled row draws from a generator of its own, so a seeded request's text does not
-depend on its batchmates.
+next step (iteration-level scheduling, as in Orca, vLLM and TGI). The KV cache is a preallocated,
+left-padded slab (`kv_cache.py`): each newcomer is prefilled on its own and copied in as a row;
+a finished row is overwritten by the last one, and columns that hold only padding are left out
+of attention. Each sampled row draws from a generator of its own, so a seeded request's text does
+not depend on its batchmates.
 """
 
 import inspect
@@ -17,13 +17,14 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .backend import Cancelled, Completion
+from .kv_cache import Slab, swap_removal
 from .prompts import PreparedRequest
 from .streaming import OnStart, OnToken, never_stop, started
 
@@ -61,8 +62,8 @@ class ContinuousBatcher(Generic[T]):
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[_Row[T]] = deque()
         self.running: list[_Row[T]] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cache length]: 0 where padding
+        self._slab = Slab(self.model.config, self.model.dtype, self.device)
+        self._mask: torch.Tensor | None = None  # [rows, slab length]: 0 where padding
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started
         # transformers renamed `past_key_values` to `cache` in 5.x; pass what this model takes.
@@ -88,6 +89,7 @@ class ContinuousBatcher(Generic[T]):
         self.waiting.clear()
         return tags
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[T, Completion | Exception]]:
         """Admit what fits, decode one token for every running request; return those done.
 
@@ -145,43 +147,39 @@ class ContinuousBatcher(Generic[T]):
         return cache, torch.ones_like(ids), token
 
     def _join(self, joining: list[tuple[_Row[T], DynamicCache, torch.Tensor]]) -> None:
-        """Append the newcomers' rows to the running batch, all left-padded to one length."""
-        caches = [cache for _, cache, _ in joining]
+        """Copy the newcomers' keys and values into the slab as rows; extend the mask."""
+        for _, cache, _ in joining:
+            self._slab.append(cache)
         masks = [mask for _, _, mask in joining]
-        if self._cache is not None and self._mask is not None:
-            caches.insert(0, self._cache)
+        if self._mask is not None:
             masks.insert(0, self._mask)
-        length = max(mask.shape[1] for mask in masks)
-        merged = caches[0]
-        for i, layer in enumerate(_filled(merged)):
-            others = [_filled(cache)[i] for cache in caches]
-            layer.keys = torch.cat([_pad_left(other.keys, length) for other in others])
-            layer.values = torch.cat([_pad_left(other.values, length) for other in others])
-        self._cache = merged
-        self._mask = torch.cat([_pad_left(mask, length) for mask in masks])
+        self._mask = torch.cat([_pad_left(mask, self._slab.length) for mask in masks])
         self.running += [row for row, _, _ in joining]
 
     # -- decoding --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _decode(self) -> list[tuple[T, Completion | Exception]]:
-        assert self._cache is not None and self._mask is not None
+        assert self._mask is not None
         rows = self.running
         last = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.length - 1] for r in rows], device=self.device)
         self._mask = F.pad(self._mask, (0, 1), value=1)
         try:
+            self._slab.reserve(len(rows), self._slab.length + 1)
             out = self.model(
                 input_ids=last,
                 attention_mask=self._mask,
                 position_ids=positions,
                 use_cache=True,
-                **{self._cache_arg: self._cache},
+                **{self._cache_arg: self._slab.cache},
             )
         except Exception as exc:  # the rows in flight get error replies
             log.exception("a decode step of %d requests failed", len(rows))
-            self.running, self._cache, self._mask = [], None, None
+            self.running, self._mask = [], None
+            self._slab.clear()
             return [(r.tag, exc) for r in rows]
+        self._slab.advance()
         return self._advance(self._pick(out.logits[:, -1, :], rows))
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int | Exception]:
@@ -207,7 +205,7 @@ class ContinuousBatcher(Generic[T]):
         self, tokens: Sequence[int | Exception], first: int = 0
     ) -> list[tuple[T, Completion | Exception]]:
         """Append the new tokens to the rows from `first` on; remove the rows that are done."""
-        assert self._cache is not None and self._mask is not None
+        assert self._mask is not None
         eos = self.backend.eos_ids
         keep: list[int] = list(range(first))
         done: list[tuple[T, Completion | Exception]] = []
@@ -230,29 +228,20 @@ class ContinuousBatcher(Generic[T]):
         if not done:
             return []
         if not keep:
-            self.running, self._cache, self._mask = [], None, None
+            self.running, self._mask = [], None
+            self._slab.clear()
             return done
-        index = torch.tensor(keep, device=self.device)
-        self.running = [self.running[i] for i in keep]
-        self._mask = self._mask.index_select(0, index)
+        leaving = sorted(set(range(len(self.running))) - set(keep))
+        moves = swap_removal(len(self.running), leaving)
+        for source, target in moves:
+            self.running[target] = self.running[source]
+            self._mask[target] = self._mask[source]
+        self.running = self.running[: len(keep)]
+        self._mask = self._mask[: len(keep)]
         start = int(self._mask.any(dim=0).nonzero()[0])  # columns before it are padding only
         self._mask = self._mask[:, start:]
-        for layer in _filled(self._cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._slab.remove(moves, len(keep), start)
         return done
-
-
-class _FilledLayer(Protocol):
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-def _filled(cache: DynamicCache) -> list[_FilledLayer]:
-    """The cache's layers, whose keys and values the prefill has set. transformers types a layer
-    as a union that includes linear-attention layers (which have none) and its keys and values
-    as Optional; the models served here have attention layers only."""
-    return cast(list[_FilledLayer], cache.layers)
 
 
 def _sample(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:
