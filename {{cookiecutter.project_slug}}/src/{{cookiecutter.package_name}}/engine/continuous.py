@@ -25,11 +25,16 @@ from transformers import DynamicCache
 
 from .backend import Cancelled, Completion
 from .kv_cache import Slab, swap_removal
+from .llama_step import LlamaStep
 from .prompts import PreparedRequest
 from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_Layers = list[tuple[torch.Tensor, torch.Tensor]]  # a prompt's keys and values, layer by layer
+# Prompt tokens prefilled together in one step, at most (a longer prompt goes alone): joining
+# prompts share one matrix product, and the running rows wait at most that long for a token.
+PREFILL_CHUNK_TOKENS = 512
 
 
 @dataclass
@@ -62,7 +67,8 @@ class ContinuousBatcher(Generic[T]):
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[_Row[T]] = deque()
         self.running: list[_Row[T]] = []
-        self._slab = Slab(self.model.config, self.model.dtype, self.device)
+        self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
+        self._step = LlamaStep(self.model, self._slab) if LlamaStep.supports(self.model) else None
         self._mask: torch.Tensor | None = None  # [rows, slab length]: 0 where padding
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started
@@ -105,56 +111,85 @@ class ContinuousBatcher(Generic[T]):
     def _admit(self) -> list[tuple[T, Completion | Exception]]:
         joining: list[_Row[T]] = []
         longest = max((r.request.tokens for r in self.running), default=0)
+        prompt_tokens = 0
         while self.waiting and len(self.running) + len(joining) < self.max_batch_size:
             candidate = self.waiting[0]
             longest_after = max(longest, candidate.request.tokens)
             rows_after = len(self.running) + len(joining) + 1
             if rows_after > 1 and rows_after * longest_after > self.max_batch_tokens:
                 break
+            prompt_tokens += len(candidate.request.token_ids)
+            if joining and prompt_tokens > PREFILL_CHUNK_TOKENS:
+                break  # the rest joins at the next steps: the running rows are not stalled
             joining.append(self.waiting.popleft())
             longest = longest_after
-        prefilled = []
-        failed: list[tuple[T, Completion | Exception]] = []
+        if not joining:
+            return []
         for row in joining:
             self.on_start(row.tag)
-            try:
-                prefilled.append((row, *self._prefill(row)))
-            except Exception as exc:  # one error reply, the others are served
-                log.exception("prefill failed for request %s", row.request.id)
-                failed.append((row.tag, exc))
+        prefilled, failed = [], []
+        for row, result in zip(joining, self._prefill_isolated(joining), strict=True):
+            if isinstance(result, Exception):  # one error reply, the others are served
+                failed.append((row.tag, result))
+            else:
+                prefilled.append((row, *result))
         if not prefilled:
             return failed
         first = len(self.running)
-        self._join([(row, cache, mask) for row, cache, mask, _ in prefilled])
+        self._join([(row, layers) for row, layers, _ in prefilled])
         return failed + self._advance([token for *_, token in prefilled], first)
 
-    @torch.inference_mode()
-    def _prefill(self, row: _Row[T]) -> tuple[DynamicCache, torch.Tensor, int]:
-        """One prompt's keys and values, its mask and its first token. Prompts are prefilled one
-        at a time: a prompt is already a matrix product of its own length, and a padded group
-        would spend compute on the padding."""
-        ids = torch.tensor([row.request.token_ids], device=self.device)
+    def _prefill_isolated(self, rows: list[_Row[T]]) -> list[tuple[_Layers, int] | Exception]:
+        """`_prefill`; if the packed pass fails, each prompt alone, so that only the prompt that
+        breaks the model fails."""
+        try:
+            return self._prefill(rows)
+        except Exception as exc:
+            if len(rows) > 1:
+                return [one for row in rows for one in self._prefill_isolated([row])]
+            log.exception("prefill failed for request %s", rows[0].request.id)
+            return [exc]
+
+    def _prefill(self, rows: list[_Row[T]]) -> list[tuple[_Layers, int] | Exception]:
+        """The prompts' keys and values and first tokens, in one pass over the prompts packed
+        end to end (each attends to itself only, causally): a matrix product over all their
+        tokens, and no padding."""
+        lengths = [len(row.request.token_ids) for row in rows]
+        ids = [token for row in rows for token in row.request.token_ids]
+        positions = torch.tensor([p for length in lengths for p in range(length)])
+        ends = torch.tensor(lengths).cumsum(0)
+        prompt = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        at = torch.arange(len(ids))
+        mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids,
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=mask[None, None].to(self.device),  # 4D: used as it is
+            position_ids=positions[None].to(self.device),
             use_cache=True,
             **{self._cache_arg: cache},
-            logits_to_keep=1,
+            logits_to_keep=(ends - 1).to(self.device),
         )
-        token = self._pick(out.logits[:, -1, :], [row])[0]
-        if isinstance(token, Exception):
-            raise token
-        return cache, torch.ones_like(ids), token
+        tokens = self._pick(out.logits[0], rows)
+        results: list[tuple[_Layers, int] | Exception] = []
+        for token, end, length in zip(tokens, ends.tolist(), lengths, strict=True):
+            if isinstance(token, Exception):
+                results.append(token)
+                continue
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            results.append(([(k[:, :, end - length : end], v[:, :, end - length : end])
+                             for k, v in layers], token))  # type: ignore[index]  # fmt: skip
+        return results
 
-    def _join(self, joining: list[tuple[_Row[T], DynamicCache, torch.Tensor]]) -> None:
+    def _join(self, joining: list[tuple[_Row[T], _Layers]]) -> None:
         """Copy the newcomers' keys and values into the slab as rows; extend the mask."""
-        for _, cache, _ in joining:
-            self._slab.append(cache)
-        masks = [mask for _, _, mask in joining]
-        if self._mask is not None:
-            masks.insert(0, self._mask)
+        self._slab.append([layers for _, layers in joining])
+        masks = [] if self._mask is None else [self._mask]
+        for row, _ in joining:
+            tokens = len(row.request.token_ids)
+            masks.append(torch.ones(1, tokens, dtype=torch.long, device=self.device))
         self._mask = torch.cat([_pad_left(mask, self._slab.length) for mask in masks])
-        self.running += [row for row, _, _ in joining]
+        self.running += [row for row, _ in joining]
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -167,20 +202,24 @@ class ContinuousBatcher(Generic[T]):
         self._mask = F.pad(self._mask, (0, 1), value=1)
         try:
             self._slab.reserve(len(rows), self._slab.length + 1)
-            out = self.model(
-                input_ids=last,
-                attention_mask=self._mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: self._slab.cache},
-            )
+            if self._step is not None:
+                logits = self._step(last[:, 0], positions, self._mask)
+            else:
+                out = self.model(
+                    input_ids=last,
+                    attention_mask=self._mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self._cache_arg: self._slab.cache},
+                )
+                logits = out.logits[:, -1, :]
         except Exception as exc:  # the rows in flight get error replies
             log.exception("a decode step of %d requests failed", len(rows))
             self.running, self._mask = [], None
             self._slab.clear()
             return [(r.tag, exc) for r in rows]
         self._slab.advance()
-        return self._advance(self._pick(out.logits[:, -1, :], rows))
+        return self._advance(self._pick(logits, rows))
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int | Exception]:
         """Each row's next token: argmax when greedy, else top-p sampling at its temperature.

@@ -39,13 +39,15 @@ def swap_removal(rows: int, leaving: list[int]) -> list[tuple[int, int]]:
 class Slab:
     """Keys and values of the running rows in preallocated buffers (see the module's text)."""
 
-    def __init__(self, config: Any, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: Any, dtype: torch.dtype, device: torch.device, max_rows: int
+    ) -> None:
         self.layers = int(config.num_hidden_layers)
         heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None)
         head_dim = int(head_dim or config.hidden_size // config.num_attention_heads)
         self.shape = (heads, head_dim)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.max_rows = dtype, device, max_rows
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = self.start = self.end = 0
@@ -60,26 +62,30 @@ class Slab:
     def clear(self) -> None:
         self.rows = self.start = self.end = 0
 
-    def append(self, prefilled: DynamicCache) -> None:
-        """Add a row: the keys and values of one prompt, prefilled alone (`[1, h, p, d]`)."""
-        tokens = prefilled.layers[0].keys.shape[2]  # type: ignore[union-attr]
+    def append(self, prompts: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Add a row for each prompt: its keys and values, `[1, h, p, d]` for each layer."""
+        lengths = [layers[0][0].shape[2] for layers in prompts]
+        longest = max(lengths)
         if self.rows == 0:
             self.start = self.end = 0
-        self.reserve(self.rows + 1, max(self.length, tokens) + 1)
-        shift = max(0, tokens - self.end)  # too few columns on the left: move the rows right
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                if shift and self.rows:
-                    region = buffer[: self.rows, :, self.start : self.end].clone()
-                    buffer[: self.rows, :, self.start + shift : self.end + shift] = region
+        self.reserve(self.rows + len(prompts), max(self.length, longest) + 1)
+        shift = max(0, longest - self.end)  # too few columns on the left: move the rows right
+        if shift and self.rows:
+            for buffer in self.keys + self.values:
+                region = buffer[: self.rows, :, self.start : self.end].clone()
+                buffer[: self.rows, :, self.start + shift : self.end + shift] = region
         self.start, self.end = self.start + shift, self.end + shift
-        row, first = self.rows, self.end - tokens
-        for i, layer in enumerate(prefilled.layers):
-            for buffers, new in ((self.keys, layer.keys), (self.values, layer.values)):
-                buffers[i][row, :, self.start : first] = 0
-                buffers[i][row, :, first : self.end] = new[0]  # type: ignore[index]
-        self.start = min(self.start, first)
-        self.rows += 1
+        start = min(self.start, self.end - longest)
+        for buffer in self.keys + self.values:  # padding is zeros: 0 x NaN would poison SDPA
+            buffer[: self.rows, :, start : self.start] = 0
+        self.start = start
+        for layers, tokens in zip(prompts, lengths, strict=True):
+            first = self.end - tokens
+            for i, layer in enumerate(layers):
+                for buffers, new in zip((self.keys, self.values), layer, strict=True):
+                    buffers[i][self.rows, :, self.start : first] = 0
+                    buffers[i][self.rows, :, first : self.end] = new[0]
+            self.rows += 1
 
     def reserve(self, rows: int, columns: int) -> None:
         """Room for `rows` rows and `columns` columns from `start`: move the rows to column 0
@@ -91,13 +97,10 @@ class Slab:
         if rows <= have_rows and columns <= have_columns // 2:
             self._move_to(self.keys, self.values)  # in place, to column 0
             return
-        size = (
-            max(rows, 2 * have_rows if rows > have_rows else have_rows),
-            self.shape[0],
-            max(columns, 2 * have_columns, 64),
-            self.shape[1],
-        )
-        fresh = [torch.zeros(size, dtype=self.dtype, device=self.device)
+        grown = min(max(rows, 2 * have_rows), max(rows, self.max_rows))
+        size = (grown, self.shape[0], max(columns, 2 * have_columns, 64), self.shape[1])
+        # Not zeros: columns are written before they are read, or zeroed as padding.
+        fresh = [torch.empty(size, dtype=self.dtype, device=self.device)
                  for _ in range(2 * self.layers)]  # fmt: skip
         new_keys, new_values = fresh[: self.layers], fresh[self.layers :]
         self._move_to(new_keys, new_values)
