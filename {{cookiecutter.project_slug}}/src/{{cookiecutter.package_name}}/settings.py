@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # step-level API, so it is always static.
 {%- endif %}
     scheduling: Literal["continuous", "static"] = "continuous"
+    # Continuous decode steps of up to this many rows run on float32 weights prepacked for it
+    # (a CPU with MKL, a Llama model): a second copy of the weights, a step 25% faster. 0 = off.
+    packed_decode_rows: int = Field(default=8, ge=0)
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"

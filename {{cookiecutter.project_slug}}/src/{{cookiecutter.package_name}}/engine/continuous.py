@@ -57,7 +57,9 @@ class ContinuousBatcher(Generic[T]):
     streams sets `on_start` and `on_token` (see engine/streaming.py).
     """
 
-    def __init__(self, backend: Any, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self, backend: Any, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
+    ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
         self.backend = backend
@@ -68,7 +70,9 @@ class ContinuousBatcher(Generic[T]):
         self.waiting: deque[_Row[T]] = deque()
         self.running: list[_Row[T]] = []
         self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
-        self._step = LlamaStep(self.model, self._slab) if LlamaStep.supports(self.model) else None
+        self._step = None
+        if LlamaStep.supports(self.model):
+            self._step = LlamaStep(self.model, self._slab, min(packed_rows, max_batch_size))
         self._mask: torch.Tensor | None = None  # [rows, slab length]: 0 where padding
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started

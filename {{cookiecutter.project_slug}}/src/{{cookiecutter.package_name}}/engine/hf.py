@@ -81,11 +81,13 @@ class TransformersBackend:
         """One completion per request, in order; requests sharing sampling settings share a pass."""
         return generate_grouped(batch, self._generate_group)
 
-    def continuous(self, max_batch_size: int, max_batch_tokens: int) -> "ContinuousBatcher":
+    def continuous(
+        self, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
+    ) -> "ContinuousBatcher":
         """A scheduler whose requests join and leave the batch between decode steps."""
         from .continuous import ContinuousBatcher
 
-        return ContinuousBatcher(self, max_batch_size, max_batch_tokens)
+        return ContinuousBatcher(self, max_batch_size, max_batch_tokens, packed_rows)
 
     @torch.inference_mode()
     def _generate_group(

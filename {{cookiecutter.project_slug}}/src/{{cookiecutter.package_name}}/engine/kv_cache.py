@@ -120,13 +120,13 @@ class Slab:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a step's keys and values at column `end` of every row; return the views that
         attention reads. `advance` moves `end` once every layer has written."""
-        steps = keys.shape[2]
+        rows, steps = keys.shape[0], keys.shape[2]  # rows past `rows`: a packed step's padding
         end = self.end + steps
-        self.keys[layer][: self.rows, :, self.end : end] = keys
-        self.values[layer][: self.rows, :, self.end : end] = values
+        self.keys[layer][:rows, :, self.end : end] = keys
+        self.values[layer][:rows, :, self.end : end] = values
         return (
-            self.keys[layer][: self.rows, :, self.start : end],
-            self.values[layer][: self.rows, :, self.start : end],
+            self.keys[layer][:rows, :, self.start : end],
+            self.values[layer][:rows, :, self.start : end],
         )
 
     def advance(self, steps: int = 1) -> None:

@@ -7,6 +7,11 @@ rotary embedding, grouped-query attention through SDPA with the query heads pack
 head, SiLU MLP), so the text is the same, with about 15 torch calls a layer and nothing else:
 vLLM and llama.cpp also write their model code. The prompt's prefill stays transformers'.
 
+On a CPU in float32, a step of up to `packed_rows` rows (PACKED_DECODE_ROWS) runs at exactly that
+many rows, padded, on weights prepacked for that size (MKL's packed GEMM): an unpacked GEMM
+repacks every weight matrix on every call, a third of a step at 8 rows (measured: 2.08 -> 2.45
+prompts/s, texts identical). The cost is a second copy of the weights in memory.
+
 Only plain Llama (SmolLM2, TinyLlama, Llama 2 and 3) qualifies (`LlamaStep.supports`); any other
 model decodes through its transformers modules, on the same KV cache.
 """
@@ -19,8 +24,18 @@ import torch.nn.functional as F
 from .kv_cache import Slab
 
 
+def can_pack(model: Any) -> bool:
+    """MKL's packed GEMM applies: float32 weights on a CPU, and a torch built with MKL."""
+    return (
+        model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    )
+
+
 class LlamaStep:
-    def __init__(self, model: Any, slab: Slab) -> None:
+    def __init__(self, model: Any, slab: Slab, packed_rows: int = 0) -> None:
         config, inner = model.config, model.model
         self.slab = slab
         self.heads = int(config.num_attention_heads)
@@ -47,6 +62,21 @@ class LlamaStep:
             )
             for layer in inner.layers
         ]
+        self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
+        self.packed: dict[int, torch.Tensor] = {}
+        if self.packed_rows:
+            for weight in [w for layer in self.layers for w in layer[1:5] + layer[6:]]:
+                self._pack(weight)
+            self._pack(self.lm_head)
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        self.packed[id(weight)] = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.packed_rows)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.packed_rows:
+            packed = self.packed[id(weight)]
+            return torch.ops.mkl._mkl_linear(x, packed, weight, None, self.packed_rows)
+        return F.linear(x, weight)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -75,6 +105,13 @@ class LlamaStep:
         """The next-token logits `[rows, vocab]` of `ids` (`[rows]`, at `positions`, `[rows,
         1]`); `mask` (`[rows, slab length + 1]`, 0 on padding) is what they may attend to. Their
         keys and values go into the slab at its end; the caller advances it."""
+        real = ids.shape[0]
+        if 0 < real < self.packed_rows:  # padded with copies of row 0, whose results are dropped
+            pad = self.packed_rows - real
+            ids = torch.cat([ids, ids[:1].expand(pad)])
+            positions = torch.cat([positions, positions[:1].expand(pad, -1)])
+            mask = torch.cat([mask, mask[:1].expand(pad, -1)])
+            self.slab.reserve(self.packed_rows, self.slab.length + 1)
         rows, groups = ids.shape[0], self.heads // self.kv_heads
         x = F.embedding(ids, self.embed)  # [rows, hidden]
         cos, sin = self.rotary(x, positions)  # [rows, 1, head dim]
@@ -82,9 +119,9 @@ class LlamaStep:
         attend = mask.bool()[:, None, None, :]
         for index, (norm_in, wq, wk, wv, wo, norm_post, gate, up, down) in enumerate(self.layers):
             h = self._rms(x, norm_in)
-            q = _rotate(F.linear(h, wq).view(rows, self.heads, 1, self.head_dim), cos, sin)
-            k = _rotate(F.linear(h, wk).view(rows, self.kv_heads, 1, self.head_dim), cos, sin)
-            v = F.linear(h, wv).view(rows, self.kv_heads, 1, self.head_dim)
+            q = _rotate(self._linear(h, wq).view(rows, self.heads, 1, self.head_dim), cos, sin)
+            k = _rotate(self._linear(h, wk).view(rows, self.kv_heads, 1, self.head_dim), cos, sin)
+            v = self._linear(h, wv).view(rows, self.kv_heads, 1, self.head_dim)
             keys, values = self.slab.write(index, k, v)
             attended = F.scaled_dot_product_attention(
                 q.reshape(rows, self.kv_heads, groups, self.head_dim),  # query heads per kv head
@@ -93,10 +130,10 @@ class LlamaStep:
                 attn_mask=attend,
                 scale=self.head_dim**-0.5,
             )
-            x = x + F.linear(attended.reshape(rows, -1), wo)
+            x = x + self._linear(attended.reshape(rows, -1), wo)
             h = self._rms(x, norm_post)
-            x = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
-        return F.linear(self._rms(x, self.norm), self.lm_head)
+            x = x + self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
+        return self._linear(self._rms(x, self.norm), self.lm_head)[:real]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

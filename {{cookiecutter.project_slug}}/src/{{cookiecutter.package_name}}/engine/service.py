@@ -101,7 +101,7 @@ class InferenceService:
         make = getattr(self.backend, "continuous", None)
         if make is None or settings.scheduling != "continuous":
             return None
-        return make(settings.max_batch_size, settings.max_batch_tokens)
+        return make(settings.max_batch_size, settings.max_batch_tokens, settings.packed_decode_rows)
 
     def scheduler(self, settings: Settings) -> "ContinuousBatcher[Any] | StaticStreamer[Any]":
         """What a caller that streams drives: the continuous batcher where there is one, else
