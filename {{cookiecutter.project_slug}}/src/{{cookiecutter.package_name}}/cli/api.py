@@ -22,7 +22,7 @@ def serve(
     requests in flight finish (DRAIN_TIMEOUT_S) and new ones get 503. With --via-queue it
     loads no model: requests go through RabbitMQ to the workers, which stream back.
     """
-    from ..lifecycle.loading import load_service
+    from ..lifecycle.loading import load_service_apart
     from ..lifecycle.sources import check_model
     from ..serving.http.server import serve as run_server
 
@@ -32,6 +32,6 @@ def serve(
         status = run_server(settings, None)
     else:
         check_model(settings)
-        status = run_server(settings, lambda: load_service(settings))
+        status = run_server(settings, lambda: load_service_apart(settings))
     if status:
         fail("the server stopped on an error (see the log above)", status)

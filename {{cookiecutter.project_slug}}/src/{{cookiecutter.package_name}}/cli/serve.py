@@ -104,7 +104,7 @@ def worker() -> None:
 {%- endif %}
     """Serve requests from RabbitMQ until SIGTERM or Ctrl-C (the batch in hand is finished;
     a second signal exits at once)."""
-    from ..lifecycle.loading import load_service
+    from ..lifecycle.loading import load_service_apart
     from ..serving.queue.worker import EXIT_FAILED, Worker, WorkerFailed, run_tracked
 {% if cookiecutter.worker_runtime == "ray" %}
     settings = load_settings(replicas=replicas)
@@ -121,7 +121,7 @@ def worker() -> None:
                 typer.echo(f"replica {index}: {counters}")
             return
 {%- endif %}
-        served = Worker(load_service(settings), settings)
+        served = Worker(load_service_apart(settings), settings)
 
         def stop_when_asked() -> None:
             stopping.wait()

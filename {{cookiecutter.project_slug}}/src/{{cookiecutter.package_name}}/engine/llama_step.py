@@ -64,13 +64,16 @@ class LlamaStep:
         ]
         self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
         self.packed: dict[int, torch.Tensor] = {}
-        if self.packed_rows:
-            for weight in [w for layer in self.layers for w in layer[1:5] + layer[6:]]:
-                self._pack(weight)
-            self._pack(self.lm_head)
 
-    def _pack(self, weight: torch.Tensor) -> None:
-        self.packed[id(weight)] = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.packed_rows)
+    def _pack(self) -> None:
+        """Pack the weights, on the first step: in the thread that generates, as packing runs
+        parallel kernels (see `lifecycle.loading.load_service_apart` for why that matters)."""
+        for weight in [w for layer in self.layers for w in layer[1:5] + layer[6:]]:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.packed_rows)
+            self.packed[id(weight)] = packed
+        self.packed[id(self.lm_head)] = torch.ops.mkl._mkl_reorder_linear_weight(
+            self.lm_head, self.packed_rows
+        )
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == self.packed_rows:
@@ -106,6 +109,8 @@ class LlamaStep:
         1]`); `mask` (`[rows, slab length + 1]`, 0 on padding) is what they may attend to. Their
         keys and values go into the slab at its end; the caller advances it."""
         real = ids.shape[0]
+        if self.packed_rows and not self.packed:
+            self._pack()
         if 0 < real < self.packed_rows:  # padded with copies of row 0, whose results are dropped
             pad = self.packed_rows - real
             ids = torch.cat([ids, ids[:1].expand(pad)])
