@@ -21,7 +21,8 @@ from .modes import WORKER_MODES, ModeResult, check_modes, default_modes, engine_
 # A row's column and its header in the markdown table (the CSV has every column).
 TABLE_COLUMNS = {"mode": "mode", "inputs_per_s": "inputs/s", "x_naive": "x naive",
                  "tokens_per_s": "tokens/s", "p50_ms": "p50 ms", "p95_ms": "p95 ms",
-                 "p99_ms": "p99 ms", "peak_rss_mib": "peak RSS MiB", "note": "note"}  # fmt: skip
+                 "p99_ms": "p99 ms", "peak_rss_mib": "peak RSS MiB",
+                 "flops_fraction": "of peak FLOP/s", "note": "note"}  # fmt: skip
 
 
 def run_bench(
@@ -32,11 +33,13 @@ def run_bench(
     load: float,
     out: Path,
     echo: Callable[..., None],
+    repeats: int = 3,
 ) -> list[ModeResult]:
     """Benchmark `modes` (None: `default_modes`) on `prompts`; write the report into `out`.
 
     `echo` is called as `typer.echo`: `err=True` for a line per mode as it runs. `load` is the
-    worker modes' open-loop rate, as a fraction of saturation. Raises UnknownModeError (a
+    worker modes' open-loop rate, as a fraction of saturation, measured `repeats` times (the
+    median repetition is reported). Raises UnknownModeError (a
     SettingsError) before anything runs if a mode is not one of this project's.
     """
     from ..serving.replies import read_requests
@@ -52,19 +55,23 @@ def run_bench(
         for mode in chosen:
             echo(f"  running {mode} ...", err=True)
             if mode in WORKER_MODES:
-                done = run_worker(settings, mode, prompts, max_new_tokens, load)
+                done = run_worker(settings, mode, prompts, max_new_tokens, (load, repeats))
             else:
                 done = [run_child(mode, settings, prompts, max_new_tokens)]
             results += done
             echo(f"  {mode}: {done[0].inputs_per_s:.2f} inputs/s", err=True)
-        rows, plot = write_report(results, out)
+        bandwidth, peaks = memory_bandwidth_gb_s(), peak_gflops()
+        parameters = parameters_of(settings)
+        rows, plot = write_report(results, out, parameters, peaks)
         echo(markdown_table(rows))
-        bandwidth = memory_bandwidth_gb_s()
-        echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s")
+        echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s; matrix products: "
+             + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
+             + f"; the model: {parameters / 1e6:.1f} M parameters")  # fmt: skip
         engine = engine_mode(settings) if set(chosen) & set(WORKER_MODES) else ""
         for line in headline(results, engine):
             echo(line)
         metrics = {"memory_bandwidth_gb_s": bandwidth}
+        metrics |= {f"peak_gflops_{dtype}": gflops for dtype, gflops in peaks.items()}
         for r in rows:
             metrics |= {f"{r['mode']}.{k}": v for k, v in r.items() if isinstance(v, int | float)}
         run.log_metrics(metrics)
@@ -73,9 +80,18 @@ def run_bench(
     return results
 
 
-def row(result: ModeResult, baseline: ModeResult | None) -> dict[str, Any]:
-    """`result` as a row of the report; `x_naive` is its throughput over the baseline's."""
+def row(
+    result: ModeResult,
+    baseline: ModeResult | None,
+    parameters: float = math.nan,
+    peaks: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """`result` as a row of the report; `x_naive` is its throughput over the baseline's, and
+    `flops_fraction` the share of this machine's peak matrix-product rate that its generated
+    tokens took (2 FLOPs per parameter per token, in the mode's precision)."""
     ratio = result.inputs_per_s / baseline.inputs_per_s if baseline else math.nan
+    peak = (peaks or {}).get("bfloat16" if "bf16" in result.mode else "float32", math.nan)
+    used = result.tokens_per_s * 2 * parameters / (peak * 1e9)
     return {
         "mode": result.mode,
         "inputs": result.inputs,
@@ -86,14 +102,20 @@ def row(result: ModeResult, baseline: ModeResult | None) -> dict[str, Any]:
         **{f"p{q}_ms": round(percentile(result.latencies_ms, q), 1) for q in (50, 95, 99)},
         "peak_rss_mib": round(result.peak_rss_mib),
         "x_naive": round(ratio, 2),
+        "flops_fraction": round(used, 3) if math.isfinite(used) else math.nan,
         "note": result.note,
     }
 
 
-def write_report(results: list[ModeResult], out_dir: Path) -> tuple[list[dict[str, Any]], Path]:
+def write_report(
+    results: list[ModeResult],
+    out_dir: Path,
+    parameters: float = math.nan,
+    peaks: dict[str, float] | None = None,
+) -> tuple[list[dict[str, Any]], Path]:
     """Write results.csv, results.json and bench.png into `out_dir`; return the rows, the plot."""
     baseline = next((r for r in results if r.mode == "naive"), None)
-    rows = [row(r, baseline) for r in results]
+    rows = [row(r, baseline, parameters, peaks) for r in results]
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -159,3 +181,37 @@ def memory_bandwidth_gb_s() -> float:
     data = np.ones(512 * 1024 * 1024 // 8)
     data.sum()  # not timed: the first pass touches the pages
     return 3 * data.nbytes / timeit.timeit(data.sum, number=3) / 1e9
+
+
+def peak_gflops() -> dict[str, float]:
+    """This machine's matrix-product rate on every core, float32 and (where the CPU has it)
+    bfloat16: the best of three 2048 x 2048 products, for the FLOP/s roofline."""
+    import torch
+
+    from ..engine.hf import pick_device
+    from ..lifecycle.precision import cpu_has_bf16
+
+    dtypes = [torch.float32]
+    if pick_device("auto").type == "cpu" and cpu_has_bf16():
+        dtypes.append(torch.bfloat16)
+    peaks = {}
+    for dtype in dtypes:
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b  # not timed: the first product warms the kernels
+        seconds = min(timeit.repeat(lambda: a @ b, number=1, repeat=3))  # noqa: B023
+        peaks[str(dtype).removeprefix("torch.")] = 2 * 2048**3 / seconds / 1e9
+    return peaks
+
+
+def parameters_of(settings: Settings) -> float:
+    """The served model's parameter count, read from its safetensors headers (nan if none)."""
+    from safetensors import safe_open
+
+    from ..lifecycle.sources import resolve_for
+
+    total = 0
+    for path in sorted(resolve_for(settings).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return float(total) if total else math.nan

@@ -27,6 +27,9 @@ Modes = Annotated[
 Load = Annotated[
     float, typer.Option(min=0.05, max=1.0, help="Open-loop rate, as a fraction of saturation")
 ]
+Repeat = Annotated[
+    int, typer.Option(min=1, max=20, help="Worker idle and open-loop runs; the median is shown")
+]
 
 
 @app.command(rich_help_panel="Benchmark")
@@ -35,6 +38,7 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     modes: Modes = None,
     load: Load = 0.7,
+    repeat: Repeat = 3,
     out: Annotated[Path, typer.Option(help="Folder for the CSV, JSON and PNG")] = Path("out/bench"),
     url: Url = None,
     concurrency: Concurrency = "1,8,32",
@@ -59,7 +63,7 @@ def bench(
     from ..bench.run import run_bench
 
     chosen = modes.split(",") if modes else None  # an unknown one: a SettingsError, one line
-    run_bench(settings, prompts, max_new_tokens, chosen, load, out, typer.echo)
+    run_bench(settings, prompts, max_new_tokens, chosen, load, out, typer.echo, repeat)
 
 
 def _load_server(

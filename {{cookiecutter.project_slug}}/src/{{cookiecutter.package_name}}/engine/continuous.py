@@ -12,7 +12,6 @@ not depend on its batchmates.
 
 import inspect
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -24,9 +23,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .backend import Cancelled, Completion
-from .kv_cache import Slab, swap_removal
+from .kv_cache import Slab, pad_left, swap_removal
 from .llama_step import LlamaStep
 from .prompts import PreparedRequest
+from .sampling import sample
 from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class ContinuousBatcher(Generic[T]):
         for row, _ in joining:
             tokens = len(row.request.token_ids)
             masks.append(torch.ones(1, tokens, dtype=torch.long, device=self.device))
-        self._mask = torch.cat([_pad_left(mask, self._slab.length) for mask in masks])
+        self._mask = torch.cat([pad_left(mask, self._slab.length) for mask in masks])
         self.running += [row for row, _ in joining]
 
     # -- decoding --------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class ContinuousBatcher(Generic[T]):
                 picked[i] = FloatingPointError("the model produced NaN logits")
             elif not row.request.params.greedy:
                 try:
-                    picked[i] = _sample(logits[i], row.request.params, row.generator)
+                    picked[i] = sample(logits[i], row.request.params, row.generator)
                 except (RuntimeError, FloatingPointError) as exc:
                     picked[i] = exc
         return picked
@@ -287,31 +287,9 @@ class ContinuousBatcher(Generic[T]):
         return done
 
 
-def _sample(logits: torch.Tensor, params: Any, generator: torch.Generator | None) -> int:
-    """One token from softmax(logits / temperature) within the top_p nucleus. The largest logit
-    is subtracted first, so no temperature the request may ask for can overflow."""
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered > params.top_p
-        probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
-    total = float(probs.sum())
-    if not math.isfinite(total) or total <= 0.0:
-        raise FloatingPointError("no probability mass left to sample from")
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def _stopped(row: _Row[Any], tokenizer: Any) -> bool:
     stops = row.request.params.stop
     if not stops:
         return False
     text = tokenizer.decode(row.ids, skip_special_tokens=True)
     return any(s in text for s in stops)
-
-
-def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dimension 2 of a [rows, heads, length, dim] cache (or dimension 1 of a mask)."""
-    missing = length - (x.shape[2] if x.dim() == 4 else x.shape[1])
-    if missing == 0:
-        return x
-    return F.pad(x, (0, 0, missing, 0) if x.dim() == 4 else (missing, 0))

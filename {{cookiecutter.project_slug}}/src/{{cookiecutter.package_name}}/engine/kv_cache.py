@@ -13,6 +13,7 @@ zeros, never stale NaNs, and the batcher's mask hides them.
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -159,3 +160,11 @@ class _SlabLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.slab.length
+
+
+def pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dimension 2 of a [rows, heads, length, dim] cache (or dimension 1 of a mask)."""
+    missing = length - (x.shape[2] if x.dim() == 4 else x.shape[1])
+    if missing == 0:
+        return x
+    return F.pad(x, (0, 0, missing, 0) if x.dim() == 4 else (missing, 0))

@@ -79,6 +79,57 @@ def test_staggered_arrivals_give_the_texts_of_one_at_a_time(backend):
     assert {c.finish_reason for c in alone.values()} <= {"stop", "length"}
 
 
+@pytest.mark.parametrize("packed_rows", [0, 3, 8])
+def test_written_out_and_packed_decode_steps_give_the_texts_of_one_at_a_time(backend, packed_rows):
+    """Steps of up to `packed_rows` rows run padded on prepacked weights, wider ones do not."""
+    requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
+    alone = {r.id: backend.generate([r])[0] for r in requests}
+    batcher = backend.continuous(4, 10_000, packed_rows=packed_rows)
+    assert batcher._step is not None  # a plain Llama decodes through the written-out step
+    assert run_all(batcher, {0: requests[:5], 3: requests[5:]}) == alone
+
+
+def test_a_long_join_is_prefilled_in_chunks_between_decode_steps(backend):
+    from {{ cookiecutter.package_name }}.engine.continuous import PREFILL_CHUNK_TOKENS
+
+    length = PREFILL_CHUNK_TOKENS // 2 - 10  # two prompts fit in a chunk, not three
+    requests = [request(i, length, max_new_tokens=6) for i in range(5)]
+    batcher = backend.continuous(8, 100_000)
+    for r in requests:
+        batcher.add(r, r.id)
+    batcher.step()
+    assert len(batcher.running) == 2 and len(batcher.waiting) == 3
+    results = run_all(batcher, {0: []})
+    assert results == {r.id: backend.generate([r])[0] for r in requests}
+
+
+def test_another_architecture_decodes_through_its_modules_on_the_same_cache(tmp_path):
+    """A model the written-out step does not cover (Qwen2: biased q, k, v) keeps transformers'
+    modules, on the same preallocated cache, with the same texts as `generate`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(tmp_path)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "<|im_end|>": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    ).save_pretrained(tmp_path)
+    tiny = TransformersBackend(tmp_path, device="cpu", dtype="float32", num_threads=1)
+    requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(8)]
+    alone = {r.id: tiny.generate([r])[0] for r in requests}
+    batcher = tiny.continuous(3, 10_000, packed_rows=8)
+    assert batcher._step is None
+    assert run_all(batcher, {0: requests[:4], 2: requests[4:]}) == alone
+
+
 def test_the_token_budget_bounds_the_running_batch(backend):
     batcher = backend.continuous(max_batch_size=8, max_batch_tokens=3 * 30)
     requests = [request(i, 10, max_new_tokens=20) for i in range(6)]
