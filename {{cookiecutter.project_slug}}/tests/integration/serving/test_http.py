@@ -426,6 +426,33 @@ def test_bench_loads_the_server_closed_and_open_loop(server, tmp_path):
     assert rows[0]["x_closed_1"] == 1.0 and "| closed-2 |" in done.stdout
 
 
+def test_bench_against_puts_two_servers_side_by_side(server, tmp_path):
+    """The same server as ours and as the peer: every level on both, the ratios, the headline
+    and the greedy answers compared (identical here)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "Name a color."}\n')
+    command = [sys.executable, "-m", PACKAGE, "bench", "--url", f"{server.url}/v1"]
+    command += ["--against", server.url, "--concurrency", "1,2", "--rate", "4"]
+    command += ["--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "against" / "against.json").read_text())
+    levels = ("closed-1", "closed-2", "open-4rps")
+    assert [(r["mode"], r["server"]) for r in rows] == [
+        (level, server) for level in levels for server in ("ours", "peer", "ours/peer")
+    ]
+    for r in rows:
+        assert r["server"] == "ours/peer" or (r["errors"] == 0 and r["ttft_p50_ms"] > 0)
+    assert all(0.2 < r["inputs_per_s"] < 5 for r in rows if r["server"] == "ours/peer")
+    assert f"against {server.url}: throughput " in done.stdout
+    assert "identical answers: 2/2" in done.stdout
+    assert (tmp_path / "against" / "against.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = [*command[:6], "--against", "ftp://peer"]
+    refused = subprocess.run(bad, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: --against 'ftp://peer' is not an http(s) URL"
+
+
 def test_a_dead_generation_thread_fails_its_requests_and_exits_3(servers):
     marker = "KILL-THE-GENERATION-THREAD"
     # Continuous batching takes the marker while the stream decodes (a static batch would

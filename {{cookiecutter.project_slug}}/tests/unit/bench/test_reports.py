@@ -35,7 +35,9 @@ def test_against_gives_ours_the_peer_and_the_ratio_per_level():
     ]
     rows = compare_rows(pairs)
     assert [(r["mode"], r["server"]) for r in rows][:3] == [
-        ("closed-8", "ours"), ("closed-8", "peer"), ("closed-8", "ours/peer")
+        ("closed-8", "ours"),
+        ("closed-8", "peer"),
+        ("closed-8", "ours/peer"),
     ]
     ratio = rows[2]
     assert ratio["inputs_per_s"] == 2.0 and ratio["ttft_p50_ms"] == 0.5
