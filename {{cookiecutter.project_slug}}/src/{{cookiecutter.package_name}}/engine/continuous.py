@@ -16,7 +16,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,8 @@ class ContinuousBatcher(Generic[T]):
             return []
         for row in joining:
             self.on_start(row.tag)
-        prefilled, failed = [], []
+        prefilled: list[tuple[_Row[T], _Layers, int]] = []
+        failed: list[tuple[T, Completion | Exception]] = []
         for row, result in zip(joining, self._prefill_isolated(joining), strict=True):
             if isinstance(result, Exception):  # one error reply, the others are served
                 failed.append((row.tag, result))
@@ -175,14 +176,16 @@ class ContinuousBatcher(Generic[T]):
             logits_to_keep=(ends - 1).to(self.device),
         )
         tokens = self._pick(out.logits[0], rows)
+        # transformers types a layer as a union with linear-attention layers (no keys): the
+        # models served here have attention layers only.
+        layers = [(layer.keys, layer.values) for layer in cast(list[Any], cache.layers)]
         results: list[tuple[_Layers, int] | Exception] = []
         for token, end, length in zip(tokens, ends.tolist(), lengths, strict=True):
             if isinstance(token, Exception):
                 results.append(token)
                 continue
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            results.append(([(k[:, :, end - length : end], v[:, :, end - length : end])
-                             for k, v in layers], token))  # type: ignore[index]  # fmt: skip
+            own = slice(end - length, end)
+            results.append(([(k[:, :, own], v[:, :, own]) for k, v in layers], token))
         return results
 
     def _join(self, joining: list[tuple[_Row[T], _Layers]]) -> None:
