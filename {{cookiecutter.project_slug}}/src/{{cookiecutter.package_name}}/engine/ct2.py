@@ -5,7 +5,6 @@ Imports neither torch nor transformers: tokenization is `tokenizers` alone (Chat
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 from ..errors import ModelSourceError
 from ..settings import SettingsError
 from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped
+from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
 from .tokenizer import ChatTokenizer
 
@@ -31,7 +31,7 @@ def thread_split(
     Raises SettingsError when the product asked for is over the cores: oversubscribed threads
     make CTranslate2 slower, not faster.
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or available_cores()
     intra = intra_threads or max(1, cores // inter_threads)
     if inter_threads * intra > cores:
         raise SettingsError(

@@ -15,6 +15,7 @@ from transformers import (
 
 from ..errors import ModelSourceError
 from .backend import Completion, cut_at_stop, generate_grouped
+from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
 
 if TYPE_CHECKING:
@@ -45,8 +46,7 @@ class TransformersBackend:
     def __init__(
         self, model_dir: Path, device: str = "auto", dtype: str = "auto", num_threads: int = 0
     ) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        torch.set_num_threads(num_threads or available_cores())
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

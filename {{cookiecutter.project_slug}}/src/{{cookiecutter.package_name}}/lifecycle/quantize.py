@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..engine.cores import available_cores
 from ..engine.ct2 import META_FILE
 from ..engine.tokenizer import TOKENIZER_FILES
 from ..errors import ModelSourceError
@@ -189,7 +190,7 @@ def convert_one(
                 str(staging),
                 device=gate_device(),
                 compute_type=compute,
-                intra_threads=os.cpu_count() or 1,
+                intra_threads=available_cores(),
             )
         except ValueError as exc:  # a GPU compute type on a CPU
             raise ModelSourceError(f"cannot run {scheme} here: {exc}") from None

@@ -1,0 +1,27 @@
+"""Thread pools are sized by the cores this process may use, a container's CPU quota included."""
+
+import os
+
+import pytest
+
+from {{ cookiecutter.package_name }}.engine.cores import available_cores
+
+VISIBLE = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [
+        ("max 100000\n", VISIBLE),  # no quota
+        ("100000 100000\n", 1),  # --cpus 1
+        ("50000 100000\n", 1),  # half a CPU still gets one thread
+        (f"{VISIBLE * 100000 * 4} 100000\n", VISIBLE),  # a quota over the affinity
+        ("garbage\n", VISIBLE),
+        (None, VISIBLE),  # no cgroup v2 file
+    ],
+)
+def test_the_cgroup_quota_caps_the_visible_cores(tmp_path, cpu_max, cores):
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert available_cores(path) == cores
