@@ -1,7 +1,11 @@
 """What the benchmark reports from its measurements: the median repetition of the worker's open
 loop, and the side-by-side rows and headline of `bench --against`."""
 
-from {{ cookiecutter.package_name }}.bench.against import compare_rows, headline, identical_answers
+from {{ cookiecutter.package_name }}.bench.against import (
+    compare_rows,
+    headline,
+    identical_answers,
+)
 from {{ cookiecutter.package_name }}.bench.http_load import LoadResult, Sample
 from {{ cookiecutter.package_name }}.bench.modes import ModeResult, median_run, tail_ratio
 
