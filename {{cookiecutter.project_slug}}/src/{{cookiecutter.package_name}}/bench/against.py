@@ -8,15 +8,21 @@ peer's (throughput: higher is better; latencies: lower is better). Greedy answer
 prompt are compared too: a speedup that changes the text is not the same work.
 """
 
-import csv
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
-from .http_load import LoadResult, Target, chat_of, closed_loop, open_loop, table
+from .http_load import (
+    LoadResult,
+    Target,
+    chat_of,
+    closed_loop,
+    open_loop,
+    table,
+    write_rows,
+)
 
 # The metrics compared, as columns of a row of `LoadResult.row`.
 COMPARED = ("inputs_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms",
@@ -132,12 +138,7 @@ def _level(mode: str) -> str:
 
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     """against.csv, against.json and against.png (throughput and TTFT p50 per level)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "against.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "against.json").write_text(json.dumps(rows, indent=1))
+    write_rows(rows, out, "against")
     _plot(rows, out / "against.png")
 
 

@@ -108,7 +108,10 @@ class Target:
             raise ConnectionError(f"no answer from {self.host}: {exc}") from None
         if answer.status != 200:
             raise ConnectionError(f"GET /v1/models answered {answer.status}: {body[:200]!r}")
-        return json.loads(body)["data"][0]["id"]
+        try:
+            return str(json.loads(body)["data"][0]["id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ConnectionError(f"GET /v1/models named no model: {body[:200]!r}") from None
 
     def stream(self, messages: list[dict[str, str]], max_tokens: int) -> Sample:
         """One greedy streamed chat completion, timed chunk by chunk."""
@@ -225,17 +228,22 @@ def run_http_bench(
             results.append(open_loop(target, chats, max_new_tokens, rate))
         baseline = next((r for r in results if r.mode == "closed-1"), None)
         rows = [r.row(baseline) for r in results]
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "http.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "http.json").write_text(json.dumps(rows, indent=1))
+        write_rows(rows, out, "http")
         echo(table(rows))
         run.log_metrics({f"{r['mode']}.{k}": v for r in rows for k, v in r.items() if k != "mode"})
         run.log_artifact(out, "bench-http")
     echo(f"results: {out / 'http.csv'}{run.where()}")
     return results
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path, stem: str) -> None:
+    """The rows as `out/STEM.csv` and `out/STEM.json`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
