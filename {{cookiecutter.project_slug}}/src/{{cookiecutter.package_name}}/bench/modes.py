@@ -12,6 +12,7 @@ here (`run_in_process`), each in a child process of its own (`bench.child`)."""
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -180,8 +181,13 @@ def run_in_process(mode: str, settings: Settings, prompts: Path, max_new_tokens:
 
 
 def _serve_continuous(service: Any, settings: Settings, lines: list[tuple[str, bytes]]) -> list:
-    """Replies to `lines` in order, every valid one through one continuous batcher."""
+    """Replies to `lines` in order, every valid one through one continuous batcher (static
+    batches for a model the batcher cannot hold)."""
     batcher = service.continuous(settings.model_copy(update={"scheduling": "continuous"}))
+    if batcher is None:
+        from ..engine.service import serve_lines
+
+        return serve_lines(service, settings, lines)
     admitted = [service.admit(raw, fallback_id) for fallback_id, raw in lines]
     valid = [a for a in admitted if not isinstance(a, Reply)]
     served = iter(service.run_continuous(batcher, valid))
@@ -247,8 +253,9 @@ def tail_ratio(idle: ModeResult, loaded: ModeResult) -> float:
 
 def median_run(runs: list[tuple[ModeResult, ModeResult]]) -> tuple[ModeResult, ModeResult]:
     """The (idle, open loop) repetition whose tail ratio is the median (the lower middle of an
-    even count); its note lists every repetition's ratio."""
-    ordered = sorted(runs, key=lambda run: tail_ratio(*run))
+    even count; a repetition with no ratio, nothing served, counts as the highest); its note
+    lists every repetition's ratio."""
+    ordered = sorted(runs, key=lambda run: (math.isnan(tail_ratio(*run)), tail_ratio(*run)))
     idle, loaded = ordered[(len(ordered) - 1) // 2]
     if len(runs) > 1:
         ratios = ", ".join(f"{tail_ratio(*run):.2f}" for run in runs)

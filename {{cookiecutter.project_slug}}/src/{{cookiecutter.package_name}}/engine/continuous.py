@@ -16,14 +16,13 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from .backend import Cancelled, Completion
-from .kv_cache import Slab, pad_left, swap_removal
+from .kv_cache import Layers, Slab, pad_left, prefill_packed, swap_removal
 from .llama_step import LlamaStep
 from .prompts import PreparedRequest
 from .sampling import sample
@@ -31,7 +30,6 @@ from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_Layers = list[tuple[torch.Tensor, torch.Tensor]]  # a prompt's keys and values, layer by layer
 # Prompt tokens prefilled together in one step, at most (a longer prompt goes alone): joining
 # prompts share one matrix product, and the running rows wait at most that long for a token.
 PREFILL_CHUNK_TOKENS = 512
@@ -70,6 +68,7 @@ class ContinuousBatcher(Generic[T]):
         self.waiting: deque[_Row[T]] = deque()
         self.running: list[_Row[T]] = []
         self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
+        self._packs = getattr(self.model.config, "_attn_implementation", "") == "sdpa"
         self._step = None
         if LlamaStep.supports(self.model):
             self._step = LlamaStep(self.model, self._slab, min(packed_rows, max_batch_size))
@@ -131,7 +130,7 @@ class ContinuousBatcher(Generic[T]):
             return []
         for row in joining:
             self.on_start(row.tag)
-        prefilled: list[tuple[_Row[T], _Layers, int]] = []
+        prefilled: list[tuple[_Row[T], Layers, int]] = []
         failed: list[tuple[T, Completion | Exception]] = []
         for row, result in zip(joining, self._prefill_isolated(joining), strict=True):
             if isinstance(result, Exception):  # one error reply, the others are served
@@ -144,51 +143,35 @@ class ContinuousBatcher(Generic[T]):
         self._join([(row, layers) for row, layers, _ in prefilled])
         return failed + self._advance([token for *_, token in prefilled], first)
 
-    def _prefill_isolated(self, rows: list[_Row[T]]) -> list[tuple[_Layers, int] | Exception]:
-        """`_prefill`; if the packed pass fails, each prompt alone, so that only the prompt that
-        breaks the model fails."""
+    def _prefill_isolated(self, rows: list[_Row[T]]) -> list[tuple[Layers, int] | Exception]:
+        """`_prefill`, packed where the attention is SDPA (the packing mask is a boolean one);
+        if the packed pass fails, or a row of it does (a NaN reaches the others through
+        attention's 0 x NaN), each prompt alone, so that only the one that breaks fails."""
+
+        def separately() -> list[tuple[Layers, int] | Exception]:
+            return [one for row in rows for one in self._prefill_isolated([row])]
+
+        if len(rows) > 1 and not self._packs:
+            return separately()
         try:
-            return self._prefill(rows)
+            results = self._prefill(rows)
         except Exception as exc:
             if len(rows) > 1:
-                return [one for row in rows for one in self._prefill_isolated([row])]
+                return separately()
             log.exception("prefill failed for request %s", rows[0].request.id)
             return [exc]
+        failed = any(isinstance(result, Exception) for result in results)
+        return separately() if failed and len(rows) > 1 else results
 
-    def _prefill(self, rows: list[_Row[T]]) -> list[tuple[_Layers, int] | Exception]:
-        """The prompts' keys and values and first tokens, in one pass over the prompts packed
-        end to end (each attends to itself only, causally): a matrix product over all their
-        tokens, and no padding."""
-        lengths = [len(row.request.token_ids) for row in rows]
-        ids = [token for row in rows for token in row.request.token_ids]
-        positions = torch.tensor([p for length in lengths for p in range(length)])
-        ends = torch.tensor(lengths).cumsum(0)
-        prompt = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
-        at = torch.arange(len(ids))
-        mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            attention_mask=mask[None, None].to(self.device),  # 4D: used as it is
-            position_ids=positions[None].to(self.device),
-            use_cache=True,
-            **{self._cache_arg: cache},
-            logits_to_keep=(ends - 1).to(self.device),
-        )
-        tokens = self._pick(out.logits[0], rows)
-        # transformers types a layer as a union with linear-attention layers (no keys): the
-        # models served here have attention layers only.
-        layers = [(layer.keys, layer.values) for layer in cast(list[Any], cache.layers)]
-        results: list[tuple[_Layers, int] | Exception] = []
-        for token, end, length in zip(tokens, ends.tolist(), lengths, strict=True):
-            if isinstance(token, Exception):
-                results.append(token)
-                continue
-            own = slice(end - length, end)
-            results.append(([(k[:, :, own], v[:, :, own]) for k, v in layers], token))
-        return results
+    def _prefill(self, rows: list[_Row[T]]) -> list[tuple[Layers, int] | Exception]:
+        """The prompts' keys and values and first tokens, from one packed pass."""
+        prompts = [row.request.token_ids for row in rows]
+        logits, layers = prefill_packed(self.model, prompts, self._cache_arg)
+        tokens = self._pick(logits, rows)
+        pairs = zip(tokens, layers, strict=True)
+        return [t if isinstance(t, Exception) else (own, t) for t, own in pairs]
 
-    def _join(self, joining: list[tuple[_Row[T], _Layers]]) -> None:
+    def _join(self, joining: list[tuple[_Row[T], Layers]]) -> None:
         """Copy the newcomers' keys and values into the slab as rows; extend the mask."""
         self._slab.append([layers for _, layers in joining])
         masks = [] if self._mask is None else [self._mask]

@@ -83,10 +83,16 @@ class TransformersBackend:
 
     def continuous(
         self, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
-    ) -> "ContinuousBatcher":
-        """A scheduler whose requests join and leave the batch between decode steps."""
+    ) -> "ContinuousBatcher | None":
+        """A scheduler whose requests join and leave the batch between decode steps; None for
+        a model whose KV cache the batcher's slab cannot hold (sliding-window or linear
+        attention layers): it is served in static batches."""
         from .continuous import ContinuousBatcher
+        from .kv_cache import supports_slab
 
+        if not supports_slab(self.model.config):
+            log.warning("this model has layers continuous batching cannot hold: static batches")
+            return None
         return ContinuousBatcher(self, max_batch_size, max_batch_tokens, packed_rows)
 
     @torch.inference_mode()

@@ -10,12 +10,43 @@ leaves is overwritten by the last row (`swap_removal`), one row's copy. Padding 
 zeros, never stale NaNs, and the batcher's mask hides them.
 """
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # one prompt's keys and values, layer by layer
+
+
+def prefill_packed(
+    model: Any, prompts: list[list[int]], cache_arg: str = "past_key_values"
+) -> tuple[torch.Tensor, list[Layers]]:
+    """The next-token logits (`[prompts, vocab]`) and the keys and values of `prompts`, from one
+    pass over them packed end to end, each attending to itself only, causally: one matrix
+    product over all their tokens, and no padding. The mask is boolean: SDPA attention only."""
+    device = model.device
+    lengths = [len(ids) for ids in prompts]
+    positions = torch.tensor([p for length in lengths for p in range(length)])
+    ends = torch.tensor(lengths).cumsum(0)
+    prompt = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
+    at = torch.arange(sum(lengths))
+    mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=torch.tensor([[token for ids in prompts for token in ids]], device=device),
+        attention_mask=mask[None, None].to(device),  # 4D: used as it is
+        position_ids=positions[None].to(device),
+        use_cache=True,
+        **{cache_arg: cache},
+        logits_to_keep=(ends - 1).to(device),
+    )
+    # transformers types a layer as a union with linear-attention layers (no keys): the
+    # models served here have attention layers only (`supports_slab`).
+    layers = [(layer.keys, layer.values) for layer in cast(list[Any], cache.layers)]
+    owned = [slice(end - length, end) for end, length in zip(ends.tolist(), lengths, strict=True)]
+    return out.logits[0], [[(k[:, :, own], v[:, :, own]) for k, v in layers] for own in owned]
 
 
 def supports_slab(config: Any) -> bool:
@@ -98,8 +129,16 @@ class Slab:
         if rows <= have_rows and columns <= have_columns // 2:
             self._move_to(self.keys, self.values)  # in place, to column 0
             return
-        grown = min(max(rows, 2 * have_rows), max(rows, self.max_rows))
-        size = (grown, self.shape[0], max(columns, 2 * have_columns, 64), self.shape[1])
+        # Each dimension grows only when it is short: the copy below moves the rows to column 0.
+        if rows > have_rows:
+            rows = min(max(rows, 2 * have_rows), max(rows, self.max_rows))
+        else:
+            rows = have_rows
+        if columns > have_columns or rows == have_rows:
+            columns = max(columns, 2 * have_columns, 64)
+        else:
+            columns = have_columns
+        size = (rows, self.shape[0], columns, self.shape[1])
         # Not zeros: columns are written before they are read, or zeroed as padding.
         fresh = [torch.empty(size, dtype=self.dtype, device=self.device)
                  for _ in range(2 * self.layers)]  # fmt: skip

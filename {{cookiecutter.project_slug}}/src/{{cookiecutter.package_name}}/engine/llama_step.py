@@ -18,12 +18,15 @@ Only plain Llama (SmolLM2, TinyLlama, Llama 2 and 3) qualifies (`LlamaStep.suppo
 model decodes through its transformers modules, on the same KV cache.
 """
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import Slab
+
+log = logging.getLogger(__name__)
 
 
 def can_pack(model: Any) -> bool:
@@ -70,12 +73,15 @@ class LlamaStep:
     def _pack(self) -> None:
         """Pack the weights, on the first step: in the thread that generates, as packing runs
         parallel kernels (see `lifecycle.loading.load_service_apart` for why that matters)."""
-        for weight in [w for layer in self.layers for w in layer[1:5] + layer[6:]]:
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.packed_rows)
-            self.packed[id(weight)] = packed
-        self.packed[id(self.lm_head)] = torch.ops.mkl._mkl_reorder_linear_weight(
-            self.lm_head, self.packed_rows
-        )
+        weights = [w for layer in self.layers for w in layer[1:5] + layer[6:]] + [self.lm_head]
+        try:  # all or nothing: a half-packed model would fail every packed step after
+            packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, self.packed_rows)
+                      for w in weights}  # fmt: skip
+        except (RuntimeError, MemoryError) as exc:  # a second copy of the weights did not fit
+            log.warning("packing the weights failed (%s); decoding unpacked", exc)
+            self.packed_rows = 0
+            return
+        self.packed = packed
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == self.packed_rows:
@@ -95,6 +101,12 @@ class LlamaStep:
             and getattr(config, "pretraining_tp", 1) == 1
             and hasattr(model, "lm_head")
             and getattr(config, "_attn_implementation", "") == "sdpa"  # the same attention math
+            and getattr(model, "hf_quantizer", None) is None  # plain weights, not packed ones
+            and all(
+                type(module) is torch.nn.Linear
+                for module in model.modules()
+                if isinstance(module, torch.nn.Linear)
+            )
         )
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

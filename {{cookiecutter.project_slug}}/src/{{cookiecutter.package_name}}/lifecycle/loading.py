@@ -74,7 +74,7 @@ def load_service_apart(settings: Settings) -> InferenceService:
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             failed.append(exc)
 
-    thread = threading.Thread(target=load, name="load-model")
+    thread = threading.Thread(target=load, name="load-model", daemon=True)  # Ctrl-C ends it
     thread.start()
     thread.join()
     if failed:

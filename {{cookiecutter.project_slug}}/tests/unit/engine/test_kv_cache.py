@@ -4,7 +4,12 @@ own keys and values, left-padded with zeros, whatever moves around it."""
 import torch
 from transformers import LlamaConfig
 
-from {{ cookiecutter.package_name }}.engine.kv_cache import Slab, pad_left, swap_removal
+from {{ cookiecutter.package_name }}.engine.kv_cache import (
+    Slab,
+    pad_left,
+    supports_slab,
+    swap_removal,
+)
 
 CONFIG = LlamaConfig(
     hidden_size=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2
@@ -47,6 +52,7 @@ def test_rows_keep_their_keys_through_joins_growth_and_leaves():
     steps = []
     for step in range(80):  # past the first 64 columns: the buffers grow and keep every row
         new = torch.full((2, 2, 1, 4), float(step))
+        slab.reserve(slab.rows, slab.length + 1)  # as the batcher does before each step
         keys, _ = slab.write(0, new, new)
         slab.write(1, new, new)
         slab.advance()
@@ -73,3 +79,15 @@ def test_a_join_of_several_prompts_shifts_once_and_pads_each_row():
 def test_pad_left_pads_masks_and_caches_on_the_left():
     assert pad_left(torch.ones(1, 2), 4).tolist() == [[0, 0, 1, 1]]
     assert pad_left(torch.ones(1, 1, 2, 3), 3)[0, 0, :, 0].tolist() == [0, 1, 1]
+
+
+def test_a_sliding_window_model_is_not_put_on_the_slab():
+    """Its sliding layers keep only the window: continuous batching leaves it to static batches."""
+    from transformers import MistralConfig
+
+    sliding = MistralConfig(
+        hidden_size=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        sliding_window=8,
+    )  # fmt: skip
+    assert supports_slab(CONFIG)
+    assert not supports_slab(sliding)
