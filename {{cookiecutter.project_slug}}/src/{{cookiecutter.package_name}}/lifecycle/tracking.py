@@ -117,8 +117,13 @@ def client_for(settings: Settings) -> Any:
     if not settings.tracking_uri:
         local_store(settings).mkdir(parents=True, exist_ok=True)
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:  # e.g. a file: store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as exc:
+        message = one_line(exc).replace(uri, redact_url(uri))
+        raise TrackingError(f"MLflow refused {redact_url(uri)}: {message}") from None
 
 
 def experiment_id(client: Any, settings: Settings) -> str:

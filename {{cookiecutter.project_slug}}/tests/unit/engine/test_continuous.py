@@ -79,14 +79,29 @@ def test_staggered_arrivals_give_the_texts_of_one_at_a_time(backend):
     assert {c.finish_reason for c in alone.values()} <= {"stop", "length"}
 
 
-@pytest.mark.parametrize("packed_rows", [0, 3, 8])
+@pytest.mark.parametrize("packed_rows", [0, 1, 8])
 def test_written_out_and_packed_decode_steps_give_the_texts_of_one_at_a_time(backend, packed_rows):
-    """Steps of up to `packed_rows` rows run padded on prepacked weights, wider ones do not."""
+    """Steps of any row count run on the prepacked weights (laid out for `packed_rows` rows)."""
+    from {{ cookiecutter.package_name }}.engine.llama_step import can_pack
+
     requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
     alone = {r.id: backend.generate([r])[0] for r in requests}
     batcher = backend.continuous(4, 10_000, packed_rows=packed_rows)
     assert batcher._step is not None  # a plain Llama decodes through the written-out step
     assert run_all(batcher, {0: requests[:5], 3: requests[5:]}) == alone
+    assert bool(batcher._step.packed) == (packed_rows > 0 and can_pack(backend.model))
+
+
+def test_bfloat16_packed_products_are_the_unpacked_ones(backend):
+    """In bfloat16 the packed and unpacked products are both oneDNN's: the same texts, bit for
+    bit, where this CPU computes bfloat16 (elsewhere both sides decode unpacked)."""
+    bf16 = TransformersBackend(backend.model_dir, device="cpu", dtype="bfloat16", num_threads=1)
+    requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
+    texts = [
+        run_all(bf16.continuous(4, 10_000, packed_rows=rows), {0: requests[:5], 2: requests[5:]})
+        for rows in (0, 8)
+    ]
+    assert texts[0] == texts[1]
 
 
 def test_a_long_join_is_prefilled_in_chunks_between_decode_steps(backend):

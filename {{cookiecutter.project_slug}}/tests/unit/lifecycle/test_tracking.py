@@ -39,3 +39,14 @@ def test_run_params_hold_no_url_or_secret_from_the_settings():
     logged = " ".join(f"{k}={v}" for k, v in settings_params(settings).items())
     assert "hunter2" not in logged and "hunter3" not in logged and "amqp" not in logged
     assert redact_url(settings.rabbitmq_url) == "amqp://user:***@broker:5672/%2F"
+
+
+def test_a_tracking_uri_mlflow_refuses_is_one_line_without_its_password(tmp_path, monkeypatch):
+    # MLflow 3 refuses a file: store unless told otherwise; a bad scheme fails the same way.
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (f"file:{tmp_path}/mlruns", "nosuch://user:hunter2@host/x"):
+        settings = load_settings(tracking_uri=uri, tracking_dir=tmp_path / "local")
+        with pytest.raises(TrackingError, match=r"^MLflow refused") as caught:
+            with start_run(settings, "batch"):
+                pass
+        assert "\n" not in str(caught.value) and "hunter2" not in str(caught.value)
