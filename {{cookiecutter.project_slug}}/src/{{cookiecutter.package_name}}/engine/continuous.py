@@ -217,7 +217,8 @@ class ContinuousBatcher(Generic[T]):
         A row whose logits are NaN, or whose sampling fails, gets an exception instead of a
         token: it alone ends with an error, the other rows go on.
         """
-        logits = logits.float()
+        # argmax in the logits' own dtype: the same index as in float32 (every bfloat16 is exact
+        # in it), without a float32 copy of the whole batch's logits (3 ms a step at 8 rows)
         broken = torch.isnan(logits).any(dim=-1).tolist()
         picked: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
         for i, row in enumerate(rows):
@@ -225,7 +226,7 @@ class ContinuousBatcher(Generic[T]):
                 picked[i] = FloatingPointError("the model produced NaN logits")
             elif not row.request.params.greedy:
                 try:
-                    picked[i] = sample(logits[i], row.request.params, row.generator)
+                    picked[i] = sample(logits[i].float(), row.request.params, row.generator)
                 except (RuntimeError, FloatingPointError) as exc:
                     picked[i] = exc
         return picked
