@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import Cancelled, Completion
-from .kv_cache import Layers, Slab, pad_left, prefill_packed, swap_removal
+from .kv_cache import Layers, PrefixCache, Slab, pad_left, prefill_packed, swap_removal
 from .llama_step import LlamaStep
 from .prompts import PreparedRequest
 from .sampling import sample
@@ -69,6 +69,7 @@ class ContinuousBatcher(Generic[T]):
         self.running: list[_Row[T]] = []
         self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
         self._packs = getattr(self.model.config, "_attn_implementation", "") == "sdpa"
+        self._prefix = PrefixCache() if self._packs else None
         self._step = None
         if LlamaStep.supports(self.model):
             self._step = LlamaStep(self.model, self._slab, min(packed_rows, max_batch_size))
@@ -166,7 +167,7 @@ class ContinuousBatcher(Generic[T]):
     def _prefill(self, rows: list[_Row[T]]) -> list[tuple[Layers, int] | Exception]:
         """The prompts' keys and values and first tokens, from one packed pass."""
         prompts = [row.request.token_ids for row in rows]
-        logits, layers = prefill_packed(self.model, prompts, self._cache_arg)
+        logits, layers = prefill_packed(self.model, prompts, self._cache_arg, self._prefix)
         tokens = self._pick(logits, rows)
         pairs = zip(tokens, layers, strict=True)
         return [t if isinstance(t, Exception) else (own, t) for t, own in pairs]

@@ -20,22 +20,71 @@ from transformers.cache_utils import DynamicLayer
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # one prompt's keys and values, layer by layer
 
 
+# A prefix shorter than this is not worth keeping (SmolLM2's default system prompt is 30 tokens).
+MIN_PREFIX_TOKENS = 16
+
+
+class PrefixCache:
+    """The keys and values of the prefix that the latest prompts shared: a prompt that starts
+    with it is prefilled from there on, as llama-server's prompt cache and vLLM's prefix caching
+    do. A chat template's system prompt is such a prefix: most of a short chat prompt. One prefix
+    is kept, the longest that a pass's prompts and the previous pass's first prompt share."""
+
+    def __init__(self, min_tokens: int = MIN_PREFIX_TOKENS) -> None:
+        self.tokens: list[int] = []
+        self.layers: Layers = []
+        self.min_tokens = min_tokens
+        self._last: list[int] = []
+
+    def covers(self, prompts: list[list[int]]) -> int:
+        """The number of leading tokens of every prompt the cache holds (each keeps at least one
+        of its own, for its logits), or 0."""
+        n = len(self.tokens)
+        return n if n and all(len(p) > n and p[:n] == self.tokens for p in prompts) else 0
+
+    def learn(self, prompts: list[list[int]], layers: list[Layers]) -> None:
+        """Keep the prefix these prompts (with their keys and values) share with the last ones."""
+        group = prompts + ([self._last] if self._last else [])
+        self._last = list(prompts[0])
+        shared = min(len(p) for p in prompts) - 1
+        for p in group[1:]:
+            differs = (i for i, (a, b) in enumerate(zip(group[0], p, strict=False)) if a != b)
+            shared = min(shared, next(differs, len(p)))
+        if len(group) < 2 or shared < self.min_tokens or prompts[0][:shared] == self.tokens:
+            return
+        kept = [(k[:, :, :shared].clone(), v[:, :, :shared].clone()) for k, v in layers[0]]
+        if all(bool(k.isfinite().all() and v.isfinite().all()) for k, v in kept):
+            self.tokens, self.layers = list(prompts[0][:shared]), kept  # never a NaN to reuse
+
+
 def prefill_packed(
-    model: Any, prompts: list[list[int]], cache_arg: str = "past_key_values"
+    model: Any,
+    prompts: list[list[int]],
+    cache_arg: str = "past_key_values",
+    prefix: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, list[Layers]]:
     """The next-token logits (`[prompts, vocab]`) and the keys and values of `prompts`, from one
     pass over them packed end to end, each attending to itself only, causally: one matrix
-    product over all their tokens, and no padding. The mask is boolean: SDPA attention only."""
+    product over all their tokens, and no padding. Where `prefix` holds their first tokens, the
+    pass starts after them and every token also attends to the prefix's keys and values. The
+    mask is boolean: SDPA attention only."""
     device = model.device
-    lengths = [len(ids) for ids in prompts]
-    positions = torch.tensor([p for length in lengths for p in range(length)])
+    start = prefix.covers(prompts) if prefix is not None else 0
+    lengths = [len(ids) - start for ids in prompts]
+    positions = torch.tensor([start + p for length in lengths for p in range(length)])
     ends = torch.tensor(lengths).cumsum(0)
     prompt = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
     at = torch.arange(sum(lengths))
     mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
     cache = DynamicCache(config=model.config)
+    if start:
+        assert prefix is not None
+        mask = torch.cat([torch.ones(len(at), start, dtype=torch.bool), mask], dim=1)
+        for index, (keys, values) in enumerate(prefix.layers):
+            cache.update(keys, values, index)
+    tokens = [token for ids in prompts for token in ids[start:]]
     out = model(
-        input_ids=torch.tensor([[token for ids in prompts for token in ids]], device=device),
+        input_ids=torch.tensor([tokens], device=device),
         attention_mask=mask[None, None].to(device),  # 4D: used as it is
         position_ids=positions[None].to(device),
         use_cache=True,
@@ -45,8 +94,14 @@ def prefill_packed(
     # transformers types a layer as a union with linear-attention layers (no keys): the
     # models served here have attention layers only (`supports_slab`).
     layers = [(layer.keys, layer.values) for layer in cast(list[Any], cache.layers)]
-    owned = [slice(end - length, end) for end, length in zip(ends.tolist(), lengths, strict=True)]
-    return out.logits[0], [[(k[:, :, own], v[:, :, own]) for k, v in layers] for own in owned]
+    owned = [
+        torch.cat([torch.arange(start), torch.arange(start + end - length, start + end)])
+        for end, length in zip(ends.tolist(), lengths, strict=True)
+    ]
+    owned_layers = [[(k[:, :, own], v[:, :, own]) for k, v in layers] for own in owned]
+    if prefix is not None:
+        prefix.learn(prompts, owned_layers)
+    return out.logits[0], owned_layers
 
 
 def supports_slab(config: Any) -> bool:

@@ -104,6 +104,46 @@ def test_bfloat16_packed_products_are_the_unpacked_ones(backend):
     assert texts[0] == texts[1]
 
 
+def test_prompts_that_share_a_system_prompt_prefill_after_it_with_the_same_texts(backend):
+    """The second pass finds the prefix the first one's prompts shared and starts after it."""
+    from {{ cookiecutter.package_name }}.engine.kv_cache import MIN_PREFIX_TOKENS
+
+    shared = [2 + (k * 5) % (VOCAB - 2) for k in range(MIN_PREFIX_TOKENS + 4)]
+    requests = [
+        PreparedRequest(
+            f"r{i}", "", shared + [2 + (i * 7 + k) % (VOCAB - 2) for k in range(1 + i % 4)],
+            GenerationParams(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=None, stop=()),
+        )
+        for i in range(8)
+    ]  # fmt: skip
+    alone = {r.id: backend.generate([r])[0] for r in requests}
+    batcher = backend.continuous(4, 10_000, packed_rows=8)
+    assert run_all(batcher, {0: requests[:2], 3: requests[2:5], 9: requests[5:]}) == alone
+    assert batcher._prefix.tokens == shared
+
+
+def test_the_prefix_cache_keeps_only_what_prompts_share_and_leaves_each_a_token():
+    from {{ cookiecutter.package_name }}.engine.kv_cache import PrefixCache
+
+    def layers(n):
+        return [[(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))]]
+
+    cache = PrefixCache(min_tokens=3)
+    cache.learn([[1, 2, 3, 4, 5]], layers(5))
+    assert cache.tokens == []  # one prompt alone shares nothing yet
+    cache.learn([[1, 2, 3, 4, 9, 9]], layers(6))
+    assert cache.tokens == [1, 2, 3, 4] and cache.layers[0][0].shape[2] == 4
+    assert cache.covers([[1, 2, 3, 4, 7]]) == 4
+    assert cache.covers([[1, 2, 3, 4]]) == 0  # nothing of its own left to give logits
+    assert cache.covers([[1, 2, 3, 4, 7], [1, 2, 0, 4, 7]]) == 0
+    cache.learn([[1, 2, 3]], layers(3))  # shorter than min_tokens once its last token is kept
+    assert cache.tokens == [1, 2, 3, 4]
+    broken = layers(6)
+    broken[0][0][0][0, 0, 1, 0] = float("nan")
+    cache.learn([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2]], broken)
+    assert cache.tokens == [1, 2, 3, 4]  # keys with a NaN are never kept for reuse
+
+
 def test_a_long_join_is_prefilled_in_chunks_between_decode_steps(backend):
     from {{ cookiecutter.package_name }}.engine.continuous import PREFILL_CHUNK_TOKENS
 
