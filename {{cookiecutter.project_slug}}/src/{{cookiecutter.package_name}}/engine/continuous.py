@@ -105,6 +105,8 @@ class ContinuousBatcher(Generic[T]):
 
         A request whose prefill or decoding fails comes back with its exception; the others go on.
         """
+        if self._step is not None:
+            self._step.pack()  # once, before the first prefill runs on the packed weights too
         finished = self._admit()
         if self.running:
             finished += self._decode()
