@@ -62,12 +62,12 @@ def run_bench(
             echo(f"  {mode}: {done[0].inputs_per_s:.2f} inputs/s", err=True)
         bandwidth, peaks = memory_bandwidth_gb_s(), peak_gflops()
         parameters = parameters_of(settings)
-        rows, plot = write_report(results, out, parameters, peaks)
+        engine = engine_mode(settings) if set(chosen) & set(WORKER_MODES) else ""
+        rows, plot = write_report(results, out, parameters, peaks, engine)
         echo(markdown_table(rows))
         echo(f"memory read bandwidth here: about {bandwidth:.1f} GB/s; matrix products: "
              + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
              + f"; the model: {parameters / 1e6:.1f} M parameters")  # fmt: skip
-        engine = engine_mode(settings) if set(chosen) & set(WORKER_MODES) else ""
         for line in headline(results, engine):
             echo(line)
         metrics = {"memory_bandwidth_gb_s": bandwidth}
@@ -85,12 +85,15 @@ def row(
     baseline: ModeResult | None,
     parameters: float = math.nan,
     peaks: dict[str, float] | None = None,
+    computes_as: str = "",
 ) -> dict[str, Any]:
     """`result` as a row of the report; `x_naive` is its throughput over the baseline's, and
     `flops_fraction` the share of this machine's peak matrix-product rate that its generated
-    tokens took (2 FLOPs per parameter per token, in the mode's precision)."""
+    tokens took (2 FLOPs per parameter per token, in the precision of the mode, or of the
+    in-process mode `computes_as` names: the worker's engine)."""
     ratio = result.inputs_per_s / baseline.inputs_per_s if baseline else math.nan
-    peak = (peaks or {}).get("bfloat16" if "bf16" in result.mode else "float32", math.nan)
+    precision = "bfloat16" if "bf16" in (computes_as or result.mode) else "float32"
+    peak = (peaks or {}).get(precision, math.nan)
     used = result.tokens_per_s * 2 * parameters / (peak * 1e9)
     return {
         "mode": result.mode,
@@ -112,10 +115,15 @@ def write_report(
     out_dir: Path,
     parameters: float = math.nan,
     peaks: dict[str, float] | None = None,
+    worker_engine: str = "",
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Write results.csv, results.json and bench.png into `out_dir`; return the rows, the plot."""
+    """Write results.csv, results.json and bench.png into `out_dir`; return the rows, the plot.
+    `worker_engine` is the in-process mode that computes as the worker modes' engine."""
     baseline = next((r for r in results if r.mode == "naive"), None)
-    rows = [row(r, baseline, parameters, peaks) for r in results]
+    rows = [
+        row(r, baseline, parameters, peaks, worker_engine if r.mode.startswith("worker") else "")
+        for r in results
+    ]
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -8,6 +8,7 @@ from {{ cookiecutter.package_name }}.bench.against import (
 )
 from {{ cookiecutter.package_name }}.bench.http_load import LoadResult, Sample
 from {{ cookiecutter.package_name }}.bench.modes import ModeResult, median_run, tail_ratio
+from {{ cookiecutter.package_name }}.bench.run import row
 
 
 def result(mode: str, latencies: list[float]) -> ModeResult:
@@ -51,3 +52,14 @@ def test_against_gives_ours_the_peer_and_the_ratio_per_level():
     ]
     assert identical_answers(pairs[0]) == (1, 2)
     assert identical_answers(pairs[1]) == (2, 2)
+
+
+def test_the_share_of_peak_flops_uses_the_precision_the_mode_computes_in():
+    """2 FLOPs per parameter per token over the peak of the mode's dtype; the worker's rows
+    compute as the engine it serves with."""
+    peaks = {"float32": 100.0, "bfloat16": 400.0}
+    tokens = ModeResult("continuous-bf16", 1, 1.0, 50, [1.0], 0.0)  # 50 tokens/s
+    assert row(tokens, None, 1e9, peaks)["flops_fraction"] == 0.25
+    worker = ModeResult("worker", 1, 1.0, 50, [1.0], 0.0)
+    assert row(worker, None, 1e9, peaks)["flops_fraction"] == 1.0
+    assert row(worker, None, 1e9, peaks, "continuous-bf16")["flops_fraction"] == 0.25
