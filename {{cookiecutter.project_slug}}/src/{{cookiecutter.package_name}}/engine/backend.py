@@ -1,6 +1,6 @@
 """The contract every inference engine keeps; the rest of the service sees only this."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,6 +70,24 @@ def sampling_groups(batch: list[PreparedRequest]) -> list[list[int]]:
             key = ("sample", p.temperature, p.top_p)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
+
+
+# Tokens decoded beyond the longest stop string's length in characters: a token that decodes to
+# nothing on its own (a skipped special token, a piece of a multi-byte character) must not hide a
+# stop string that spans it, and the window never starts inside the stop string.
+STOP_TAIL_MARGIN = 8
+
+
+def stop_in_tail(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether the text of the generated `ids` holds a stop string ending in its last tokens.
+    Checked after every token, so only a stop string the last token completed can be new, and
+    one of n characters spans at most n tokens: the tail is decoded, not the whole text on every
+    step (quadratic in the reply's length)."""
+    if not stops:
+        return False
+    window = max(len(s) for s in stops) + STOP_TAIL_MARGIN
+    text = tokenizer.decode(list(ids[-window:]), skip_special_tokens=True)
+    return any(s in text for s in stops)
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .backend import Cancelled, Completion
+from .backend import Cancelled, Completion, stop_in_tail
 from .kv_cache import Layers, PrefixCache, Slab, pad_left, prefill_packed, swap_removal
 from .llama_step import LlamaStep
 from .prompts import PreparedRequest
@@ -278,8 +278,4 @@ class ContinuousBatcher(Generic[T]):
 
 
 def _stopped(row: _Row[Any], tokenizer: Any) -> bool:
-    stops = row.request.params.stop
-    if not stops:
-        return False
-    text = tokenizer.decode(row.ids, skip_special_tokens=True)
-    return any(s in text for s in stops)
+    return stop_in_tail(tokenizer, row.ids, row.request.params.stop)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ModelSourceError
 from ..settings import SettingsError
-from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped
+from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped, stop_in_tail
 from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
 from .tokenizer import ChatTokenizer
@@ -144,7 +144,7 @@ class CTranslate2Backend:
             if token == self.tokenizer.eos_token_id or (on_token and on_token(0, token)):
                 break
             ids.append(token)
-            if params.stop and cut_at_stop(self.tokenizer.decode(new), params.stop)[1]:
+            if stop_in_tail(self.tokenizer, new, params.stop):
                 break
         return self._completion(request, new)
 

@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from ..errors import ModelSourceError
-from .backend import Completion, cut_at_stop, generate_grouped
+from .backend import Completion, cut_at_stop, generate_grouped, stop_in_tail
 from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
 
@@ -155,10 +155,8 @@ class _RowStop(StoppingCriteria):
         done = [generated >= limit for limit in self.limits]
         for row, stops in enumerate(self.stops):
             if stops and not done[row]:
-                text = self.tokenizer.decode(
-                    input_ids[row, self.prompt_len :], skip_special_tokens=True
-                )
-                done[row] = any(s in text for s in stops)
+                generated_ids = input_ids[row, self.prompt_len :].tolist()
+                done[row] = stop_in_tail(self.tokenizer, generated_ids, stops)
         # StoppingCriteria promises the legacy BoolTensor class; torch.tensor is typed Tensor.
         return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 

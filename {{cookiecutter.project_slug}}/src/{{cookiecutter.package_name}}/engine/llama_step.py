@@ -92,7 +92,8 @@ class LlamaStep:
             self.packed_rows = 0
             return
         for module in self.products:
-            module.forward = functools.partial(_packed_product, packed[id(module.weight)])
+            product = functools.partial(_packed_product, packed[id(module.weight)])
+            module.forward = product  # type: ignore[method-assign]  # this instance's only
         self.packed = packed
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

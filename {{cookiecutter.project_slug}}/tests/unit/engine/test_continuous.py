@@ -255,3 +255,18 @@ def test_a_row_whose_logits_are_nan_fails_alone_and_no_temperature_overflows():
     assert isinstance(picked[0], FloatingPointError)
     assert picked[1:3] == [0, 1]
     assert picked[3] in (0, 1)
+
+
+def test_a_stop_string_is_found_in_the_decoded_tail_at_the_token_that_completes_it(backend):
+    """Decoding only the tail finds each stop string at the same token as decoding everything."""
+    from {{ cookiecutter.package_name }}.engine.backend import stop_in_tail
+
+    tokenizer = backend.tokenizer
+    ids = [2 + (k * 11 + k * k) % (VOCAB - 2) for k in range(80)]
+    text = tokenizer.decode(ids[60:63], skip_special_tokens=True)  # three words, late in the text
+    for stops in [(text,), (text.split()[1],), ("nowhere",), (text[:-1], "w47 w47 w47 w47")]:
+        whole = [any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stops)
+                 for n in range(1, len(ids) + 1)]  # fmt: skip
+        tail = [stop_in_tail(tokenizer, ids[:n], stops) for n in range(1, len(ids) + 1)]
+        first = whole.index(True) if True in whole else None
+        assert (tail.index(True) if True in tail else None) == first
