@@ -92,7 +92,8 @@ def row(
     tokens took (2 FLOPs per parameter per token, in the precision of the mode, or of the
     in-process mode `computes_as` names: the worker's engine)."""
     ratio = result.inputs_per_s / baseline.inputs_per_s if baseline else math.nan
-    precision = "bfloat16" if "bf16" in (computes_as or result.mode) else "float32"
+    basis = computes_as or result.mode
+    precision = "bfloat16" if "bf16" in basis or "bfloat16" in basis else "float32"
     peak = (peaks or {}).get(precision, math.nan)
     used = result.tokens_per_s * 2 * parameters / (peak * 1e9)
     return {

@@ -72,7 +72,7 @@ def sampling_groups(batch: list[PreparedRequest]) -> list[list[int]]:
     return list(groups.values())
 
 
-# Tokens decoded beyond the longest stop string's length in characters: a token that decodes to
+# Tokens decoded beyond the longest stop string's length in UTF-8 bytes: a token that decodes to
 # nothing on its own (a skipped special token, a piece of a multi-byte character) must not hide a
 # stop string that spans it, and the window never starts inside the stop string.
 STOP_TAIL_MARGIN = 8
@@ -81,11 +81,11 @@ STOP_TAIL_MARGIN = 8
 def stop_in_tail(tokenizer: Any, ids: Sequence[int], stops: Sequence[str]) -> bool:
     """Whether the text of the generated `ids` holds a stop string ending in its last tokens.
     Checked after every token, so only a stop string the last token completed can be new, and
-    one of n characters spans at most n tokens: the tail is decoded, not the whole text on every
+    one of n UTF-8 bytes spans at most n tokens: the tail is decoded, not the whole text on every
     step (quadratic in the reply's length)."""
     if not stops:
         return False
-    window = max(len(s) for s in stops) + STOP_TAIL_MARGIN
+    window = max(len(s.encode()) for s in stops) + STOP_TAIL_MARGIN  # a token: a byte or more
     text = tokenizer.decode(list(ids[-window:]), skip_special_tokens=True)
     return any(s in text for s in stops)
 

@@ -44,6 +44,10 @@ def can_pack(model: Any) -> bool:
     return model.dtype == torch.float32
 
 
+# The model's attribute holding (rows, {id(weight): packed weight}) once it is packed.
+PACKED = "_packed_products"
+
+
 class LlamaStep:
     def __init__(self, model: Any, slab: Slab, packed_rows: int = 0) -> None:
         config, inner = model.config, model.model
@@ -73,27 +77,35 @@ class LlamaStep:
             for layer in inner.layers
         ]
         self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
-        self.products = [module for module in model.modules() if type(module) is torch.nn.Linear]
+        self.model = model
         self.packed: dict[int, torch.Tensor] = {}  # by id of the weight
+        if not self.packed_rows:
+            unpack(model)  # a step that decodes unpacked prefills unpacked too
 
     def pack(self) -> None:
         """Pack the weights once, before the first prefill: in the thread that generates, as
         packing runs parallel kernels (see `lifecycle.loading.load_service_apart` for why that
         matters). The model's own linear modules then run on them too: the prompts' prefill,
         which goes through transformers' modules, gains as much (28.5 -> 18 ms of products for a
-        7-token prompt in bfloat16, 60.6 -> 44.6 for 66)."""
+        7-token prompt in bfloat16, 60.6 -> 44.6 for 66). The packed copy is kept on the model,
+        so a later batcher on it (the worker's, after a reconnection) reuses it."""
         if not self.packed_rows or self.packed:
             return
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        try:  # all or nothing: a half-packed model would fail every packed step after
-            packed = {id(m.weight): reorder(m.weight, self.packed_rows) for m in self.products}
-        except (RuntimeError, MemoryError) as exc:  # a second copy of the weights did not fit
-            log.warning("packing the weights failed (%s); decoding unpacked", exc)
-            self.packed_rows = 0
-            return
-        for module in self.products:
-            product = functools.partial(_packed_product, packed[id(module.weight)])
-            module.forward = product  # type: ignore[method-assign]  # this instance's only
+        rows, packed = getattr(self.model, PACKED, (0, {}))
+        if rows != self.packed_rows:
+            unpack(self.model)  # the previous copy goes before another is made
+            products = [m for m in self.model.modules() if type(m) is torch.nn.Linear]
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            try:  # all or nothing: a half-packed model would fail every packed step after
+                packed = {id(m.weight): reorder(m.weight, self.packed_rows) for m in products}
+            except (RuntimeError, MemoryError) as exc:  # a second copy did not fit
+                log.warning("packing the weights failed (%s); running unpacked", exc)
+                self.packed_rows = 0
+                return
+            for module in products:
+                product = functools.partial(_packed_product, packed[id(module.weight)])
+                module.forward = product  # type: ignore[method-assign]  # this instance's only
+            setattr(self.model, PACKED, (self.packed_rows, packed))
         self.packed = packed
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -115,7 +127,7 @@ class LlamaStep:
             and getattr(config, "_attn_implementation", "") == "sdpa"  # the same attention math
             and getattr(model, "hf_quantizer", None) is None  # plain weights, not packed ones
             and all(
-                type(module) is torch.nn.Linear
+                type(module) is torch.nn.Linear and module.bias is None  # packed: no bias
                 for module in model.modules()
                 if isinstance(module, torch.nn.Linear)
             )
@@ -157,6 +169,15 @@ class LlamaStep:
             h = self._rms(x, norm_post)
             x = x + self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
         return self._linear(self._rms(x, self.norm), self.lm_head)
+
+
+def unpack(model: Any) -> None:
+    """Point the model's linear modules back at their own weights; free the packed copy."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _packed_product:
+            del module.__dict__["forward"]
+    model.__dict__.pop(PACKED, None)
 
 
 def _packed_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

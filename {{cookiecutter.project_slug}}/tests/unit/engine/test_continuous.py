@@ -270,3 +270,35 @@ def test_a_stop_string_is_found_in_the_decoded_tail_at_the_token_that_completes_
         tail = [stop_in_tail(tokenizer, ids[:n], stops) for n in range(1, len(ids) + 1)]
         first = whole.index(True) if True in whole else None
         assert (tail.index(True) if True in tail else None) == first
+
+
+def test_a_stop_string_of_many_byte_tokens_is_found_in_the_tail():
+    """Byte-level BPE spends a token per byte where it has no merge: 3 per character here."""
+    from tokenizers import decoders
+
+    from {{ cookiecutter.package_name }}.engine.backend import stop_in_tail
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level)
+    stop = "日本語で止まる"  # 7 characters, 21 tokens
+    ids = tokenizer.encode(f"a b c {stop} d e", add_special_tokens=False)
+    found = [stop_in_tail(tokenizer, ids[:n], (stop,)) for n in range(1, len(ids) + 1)]
+    assert found.index(True) == len(tokenizer.encode(f"a b c {stop}")) - 1
+
+
+def test_batchers_on_one_model_share_its_packed_weights_and_unpacked_ones_restore_it(backend):
+    from {{ cookiecutter.package_name }}.engine.llama_step import can_pack
+
+    if not can_pack(backend.model):
+        pytest.skip("this torch has no oneDNN: nothing is packed")  # every x86 and Arm build has
+    first, second = (backend.continuous(4, 10_000, packed_rows=8) for _ in range(2))
+    first._step.pack()
+    second._step.pack()
+    assert first._step.packed is second._step.packed  # one packed copy, not one per batcher
+    linears = [m for m in backend.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all("forward" in m.__dict__ for m in linears)
+    backend.continuous(4, 10_000, packed_rows=0)
+    assert not any("forward" in m.__dict__ for m in linears)  # plain modules again
