@@ -25,12 +25,14 @@ def remove_ctranslate2_files() -> None:
     remove(
         f"src/{PACKAGE}/engine/ct2.py",
         f"src/{PACKAGE}/engine/tokenizer.py",
+        f"src/{PACKAGE}/engine/waves.py",
         f"src/{PACKAGE}/lifecycle/ct2_pyfunc.py",
         f"src/{PACKAGE}/lifecycle/quantize.py",
         f"src/{PACKAGE}/lifecycle/refusals.py",
         "docs/ctranslate2.md",
         "scripts",
         "tests/unit/engine/test_ct2.py",
+        "tests/unit/engine/test_waves.py",
         "tests/unit/lifecycle/test_refusals.py",
         "tests/integration/lifecycle/test_ctranslate2.py",
     )

@@ -158,11 +158,13 @@ CTRANSLATE2_FILES = {
     "scripts/diagnose_int8.py",
     "src/{pkg}/engine/ct2.py",
     "src/{pkg}/engine/tokenizer.py",
+    "src/{pkg}/engine/waves.py",
     "src/{pkg}/lifecycle/ct2_pyfunc.py",
     "src/{pkg}/lifecycle/quantize.py",
     "src/{pkg}/lifecycle/refusals.py",
     "tests/integration/lifecycle/test_ctranslate2.py",
     "tests/unit/engine/test_ct2.py",
+    "tests/unit/engine/test_waves.py",
     "tests/unit/lifecycle/test_refusals.py",
 }
 

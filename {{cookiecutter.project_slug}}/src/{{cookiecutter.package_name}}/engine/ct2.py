@@ -18,6 +18,7 @@ from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped, st
 from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
 from .tokenizer import ChatTokenizer
+from .waves import WaveScheduler
 
 log = logging.getLogger(__name__)
 META_FILE = "model_meta.json"  # written by `convert`: source, quantization, context window, gate
@@ -80,6 +81,7 @@ class CTranslate2Backend:
         self.max_batch_tokens = max_batch_tokens
         self.model_dir = model_dir
         self.threads = f"{inter}x{intra}"
+        self.lanes = inter  # batches that decode at once, each on `intra` threads
         log.info(
             "ctranslate2 backend on %s, compute type %s, threads %dx%d",
             self.device, self.generator.compute_type, inter, intra,
@@ -93,6 +95,17 @@ class CTranslate2Backend:
             "engine_threads": self.threads,
             "model_dir": str(self.model_dir),
         }
+
+    def continuous(
+        self,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        packed_rows: int = 0,
+        max_wait_s: float = 0.0,
+    ) -> WaveScheduler[Any]:
+        """Overlapping batches on this engine's INTER_THREADS lanes (engine/waves.py): the
+        closest CTranslate2 allows to continuous batching. `packed_rows` is unused here."""
+        return WaveScheduler(self, self.lanes, max_batch_size, max_batch_tokens, max_wait_s)
 
     def generate(
         self, batch: list[PreparedRequest], on_token: OnIndexToken | None = None

@@ -82,11 +82,16 @@ class TransformersBackend:
         return generate_grouped(batch, self._generate_group)
 
     def continuous(
-        self, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
+        self,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        packed_rows: int = 0,
+        max_wait_s: float = 0.0,
     ) -> "ContinuousBatcher | None":
         """A scheduler whose requests join and leave the batch between decode steps; None for
         a model whose KV cache the batcher's slab cannot hold (sliding-window or linear
-        attention layers): it is served in static batches."""
+        attention layers): it is served in static batches. `max_wait_s` is unused: a request
+        joins at the next step, so nothing waits for company."""
         from .continuous import ContinuousBatcher
         from .kv_cache import supports_slab
 

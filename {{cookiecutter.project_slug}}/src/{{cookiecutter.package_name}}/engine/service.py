@@ -4,7 +4,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import one_line
 from ..messages import Limits, Reply, RequestError, Usage, parse_request, request_id_of
@@ -12,10 +12,7 @@ from ..settings import Settings
 from .backend import Backend, Cancelled, Completion, OnIndexToken
 from .batching import DynamicBatcher
 from .prompts import GenerationParams, PreparedRequest, PromptBuilder
-from .streaming import StaticStreamer
-
-if TYPE_CHECKING:
-    from .continuous import ContinuousBatcher
+from .streaming import Scheduler, StaticStreamer
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +93,22 @@ class InferenceService:
             ]
         return [self.reply(a, c) for a, c in zip(batch, completions, strict=True)]
 
-    def continuous(self, settings: Settings) -> "ContinuousBatcher[Any] | None":
-        """The backend's step-level scheduler when it has one and `scheduling` is continuous."""
+    def continuous(self, settings: Settings) -> Scheduler[Any] | None:
+        """The backend's own scheduler when it has one and `scheduling` is continuous: requests
+        join and leave between decode steps (transformers), or between overlapping batches
+        (an engine that cannot add to a batch in flight)."""
         make = getattr(self.backend, "continuous", None)
         if make is None or settings.scheduling != "continuous":
             return None
-        return make(settings.max_batch_size, settings.max_batch_tokens, settings.packed_decode_rows)
+        scheduler: Scheduler[Any] | None = make(
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            packed_rows=settings.packed_decode_rows,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+        )
+        return scheduler
 
-    def scheduler(self, settings: Settings) -> "ContinuousBatcher[Any] | StaticStreamer[Any]":
+    def scheduler(self, settings: Settings) -> Scheduler[Any]:
         """What a caller that streams drives: the continuous batcher where there is one, else
         whole batches that stream tokens when the engine can."""
         continuous = self.continuous(settings)
@@ -116,9 +121,7 @@ class InferenceService:
             max_wait_s=settings.max_wait_ms / 1000.0,
         )
 
-    def run_continuous(
-        self, batcher: "ContinuousBatcher[Any]", batch: Sequence[Admitted]
-    ) -> list[Reply]:
+    def run_continuous(self, batcher: Scheduler[Any], batch: Sequence[Admitted]) -> list[Reply]:
         """Generate replies for `batch` through a continuous batcher; return them in order."""
         for i, admitted in enumerate(batch):
             batcher.add(admitted.request, i)

@@ -10,8 +10,8 @@ away): it leaves the batch and comes back from `step` as `Cancelled`.
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Sized
+from typing import Any, Generic, Protocol, TypeVar
 
 from .backend import Cancelled, Completion, cut_at_stop
 from .prompts import PreparedRequest
@@ -20,6 +20,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OnToken = Callable[[Any, int], bool]  # (tag, token id) -> True to stop this request
 OnStart = Callable[[Any], None]
+
+
+class Scheduler(Protocol[T]):
+    """What a caller that streams drives (the contract above): `ContinuousBatcher`,
+    `StaticStreamer`, or one an engine brings (`backend.continuous`)."""
+
+    max_batch_size: int
+    on_token: OnToken
+    on_start: OnStart
+
+    @property
+    def running(self) -> Sized: ...
+
+    @property
+    def waiting(self) -> Sized: ...
+
+    def __len__(self) -> int: ...
+
+    def add(self, request: PreparedRequest, tag: T) -> None: ...
+
+    def step(self) -> list[tuple[T, Completion | Exception]]: ...
+
+    def take_waiting(self) -> list[T]: ...
 
 
 def never_stop(tag: object, token: int) -> bool:

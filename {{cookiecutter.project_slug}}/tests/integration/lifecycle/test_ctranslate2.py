@@ -103,6 +103,40 @@ def test_the_int8_diagnosis_script_prints_agreement_per_step_and_layer_group(mod
         assert 0.0 <= float(row.split("|")[2].strip().removesuffix("%")) <= 100.0, row
 
 
+def test_a_request_starts_on_a_free_lane_while_a_batch_decodes(settings, float32):
+    """Two lanes (INTER_THREADS=2, a core each): a short request sent while a long one decodes
+    starts at once and ends first, and each text is the one it gets alone (greedy)."""
+    engine = CTranslate2Backend(float32, compute_type="float32", inter_threads=2, intra_threads=1)
+    service = InferenceService.from_settings(settings, engine)
+    scheduler = service.continuous(
+        settings.model_copy(update={"scheduling": "continuous", "max_wait_ms": 0.0})
+    )
+    assert scheduler is not None
+    raw = {
+        "long": {"prompt": "Tell a long story about a dragon and a knight.", "max_new_tokens": 64},
+        "short": {"prompt": "What is the capital of France?", "max_new_tokens": 6},
+    }
+    admitted = {
+        name: service.admit({"id": name, **r, "temperature": 0.0}, name) for name, r in raw.items()
+    }
+    assert all(isinstance(a, Admitted) for a in admitted.values())
+    heard: list[str] = []
+    scheduler.on_token = lambda tag, token: heard.append(tag) and False
+    scheduler.add(admitted["long"].request, "long")
+    order = []
+    while "long" not in heard:  # the long one is decoding
+        order += scheduler.step()
+    scheduler.add(admitted["short"].request, "short")
+    while len(scheduler):
+        order += scheduler.step()
+    assert [tag for tag, _ in order] == ["short", "long"]
+    assert heard.index("short") < len(heard) - 1 - heard[::-1].index("long")  # interleaved
+    for tag, result in order:
+        alone = service.run([admitted[tag]])[0]
+        assert result.text == alone.text
+        assert result.completion_tokens == alone.usage.completion_tokens
+
+
 def test_convert_is_idempotent(float32):
     # Once in this session first: a cache warm from an earlier run holds the files, not this
     # session's tracking store, so the fixture's shortcut may not have published here.

@@ -1,7 +1,8 @@
 """The worker's generation thread: it batches what the session admitted and runs the engine.
 
-Batching is continuous on the transformers engine (requests join and leave the running batch
-between decode steps, see engine/continuous.py), else in whole dynamic batches. Replies go back
+Batching is continuous where the engine has a scheduler of its own (`backend.continuous`: on
+transformers, requests join and leave the running batch between decode steps, see
+engine/continuous.py), else in whole dynamic batches. Replies go back
 to the connection's thread (`Session.complete_soon`), so heartbeats flow during a long batch.
 On `stop` (the worker's) the batch in hand finishes and the rest is left in `leftover` for the
 session to give back. If the thread dies, `failure` says why: the worker's watchdog ends it."""
@@ -11,16 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ...engine.batching import DynamicBatcher
 from ...engine.service import InferenceService
-from ...engine.streaming import TextStream, eos_ids_of
+from ...engine.streaming import Scheduler, TextStream, eos_ids_of
 from ...messages import Reply
 from .session import Delivery, Session, drain
-
-if TYPE_CHECKING:
-    from ...engine.continuous import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 Record = Callable[[list[Reply], int | None], None]  # replies that finished together, batch size
@@ -87,7 +84,7 @@ class Generation:
         finally:
             self.leftover = [d for b in batcher.drain() for d in b]
 
-    def _continuous_loop(self, batcher: "ContinuousBatcher[Delivery]") -> None:
+    def _continuous_loop(self, batcher: Scheduler[Delivery]) -> None:
         """Requests are acked one by one as they finish. Stopping takes no new ones: the running
         ones finish, the waiting ones are requeued."""
         log.info("continuous batching: up to %d requests decode together", batcher.max_batch_size)
