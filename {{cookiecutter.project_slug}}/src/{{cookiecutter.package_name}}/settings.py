@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     # leave the running batch between decode steps (latency under load stays near one request's
     # time); `static` runs the dynamic batcher's batches to completion.
 {%- if cookiecutter.inference_backend == "ctranslate2" %} CTranslate2 has no
-    # step-level API, so it is always static.
+    # step-level API: there `continuous` runs overlapping batches, up to INTER_THREADS at once.
 {%- endif %}
     scheduling: Literal["continuous", "static"] = "continuous"
     # Continuous decode steps run on weights prepacked by oneDNN, laid out for this many rows (a

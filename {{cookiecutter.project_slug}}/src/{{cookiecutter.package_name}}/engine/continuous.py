@@ -55,6 +55,8 @@ class ContinuousBatcher(Generic[T]):
     streams sets `on_start` and `on_token` (see engine/streaming.py).
     """
 
+    step_decodes = True
+
     def __init__(
         self, backend: Any, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
     ) -> None:

@@ -17,6 +17,7 @@ from ..settings import SettingsError
 from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped, stop_in_tail
 from .cores import available_cores
 from .prompts import GenerationParams, PreparedRequest
+from .streaming import Scheduler
 from .tokenizer import ChatTokenizer
 from .waves import WaveScheduler
 
@@ -102,7 +103,7 @@ class CTranslate2Backend:
         max_batch_tokens: int,
         packed_rows: int = 0,
         max_wait_s: float = 0.0,
-    ) -> WaveScheduler[Any]:
+    ) -> Scheduler[Any]:
         """Overlapping batches on this engine's INTER_THREADS lanes (engine/waves.py): the
         closest CTranslate2 allows to continuous batching. `packed_rows` is unused here."""
         return WaveScheduler(self, self.lanes, max_batch_size, max_batch_tokens, max_wait_s)

@@ -29,6 +29,7 @@ class Scheduler(Protocol[T]):
     max_batch_size: int
     on_token: OnToken
     on_start: OnStart
+    step_decodes: bool  # each step decodes every running request (a batch-size sample)
 
     @property
     def running(self) -> Sized: ...
@@ -107,6 +108,8 @@ class StaticStreamer(Generic[T]):
     """Whole batches, first come first served, each run to completion, streaming tokens when
     the engine can (`streams = True`: its `generate` takes `on_token`). The
     scheduler for an engine without step-level control, or `scheduling=static`."""
+
+    step_decodes = True  # a step runs a whole batch
 
     def __init__(
         self, backend: Any, max_batch_size: int, max_batch_tokens: int, max_wait_s: float = 0.0

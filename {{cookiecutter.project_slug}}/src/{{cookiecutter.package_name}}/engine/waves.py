@@ -35,10 +35,11 @@ T = TypeVar("T")
 POLL_S = 0.01
 
 
-@dataclass
+@dataclass(eq=False)
 class _Wave(Generic[T]):
     batch: list[tuple[PreparedRequest, T]]
-    stopped: set[int] = field(default_factory=set)
+    stopped: set[int] = field(default_factory=set)  # rows whose caller said stop
+    heard: set[int] = field(default_factory=set)  # rows that streamed a token
     results: list[Completion | Exception] = field(default_factory=list)
     fatal: BaseException | None = None  # what killed its thread: the caller's loop dies with it
 
@@ -46,6 +47,8 @@ class _Wave(Generic[T]):
 class WaveScheduler(Generic[T]):
     """Whole batches, up to `lanes` at once, each started as soon as it is due and a lane is
     free; `step` until it is empty. One thread adds and steps (`Scheduler`'s contract)."""
+
+    step_decodes = False  # a step polls the batches; it does not decode a token for each
 
     def __init__(
         self,
@@ -66,6 +69,7 @@ class WaveScheduler(Generic[T]):
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started
         self.streams = getattr(backend, "streams", False)
+        self.closing = False
 
     @property
     def running(self) -> list[T]:
@@ -122,35 +126,75 @@ class WaveScheduler(Generic[T]):
             longest = longest_after
         return batch
 
+    def close(self) -> None:
+        """Stop the batches in flight at their next token and wait for them (the caller is
+        going away: a worker whose connection dropped, whose requests the broker redelivers),
+        so that no batch of the model runs on behind a new scheduler. Their results are lost."""
+        self.closing = True
+        while self.waves:
+            self.finished.get()
+            self.waves = [wave for wave in self.waves if self._running(wave)]
+        self.waiting.clear()
+
+    def _running(self, wave: _Wave[T]) -> bool:
+        return not (wave.results or wave.fatal)
+
     def _launch(self, batch: list[tuple[PreparedRequest, T]]) -> None:
         wave = _Wave(batch)
         for _, tag in batch:
             self.on_start(tag)
+        thread = threading.Thread(target=self._run, args=(wave,), name="wave", daemon=True)
+        thread.start()
         self.waves.append(wave)
-        threading.Thread(target=self._run, args=(wave,), name="wave", daemon=True).start()
 
     def _run(self, wave: _Wave[T]) -> None:
         """One batch, on its own thread; the wave goes to `finished` whatever happens."""
-
-        def on_token(index: int, token: int) -> bool:
-            if index in wave.stopped or self.on_token(wave.batch[index][1], token):
-                wave.stopped.add(index)
-                return True
-            return False
-
         requests = [request for request, _ in wave.batch]
         try:
-            if self.streams:
-                wave.results = list(self.backend.generate(requests, on_token=on_token))
-            else:
-                wave.results = list(self.backend.generate(requests))
+            wave.results = self._generate(wave, requests, list(range(len(requests))))
         except Exception as exc:
-            log.exception("a batch of %d requests failed", len(requests))
-            wave.results = [exc] * len(requests)
+            if len(requests) == 1:
+                log.exception("request %s failed", requests[0].id)
+                wave.results = [exc]
+            else:  # as `InferenceService.run`: each request alone, so only the culprit fails
+                log.warning("a batch of %d requests failed (%s): each alone", len(requests), exc)
+                wave.results = [self._alone(wave, requests, i, exc) for i in range(len(requests))]
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which dies of it
             wave.fatal = exc
         finally:
             self.finished.put(wave)
+
+    def _alone(
+        self, wave: _Wave[T], requests: list[PreparedRequest], i: int, error: Exception
+    ) -> Completion | Exception:
+        if i in wave.heard:  # its text has begun streaming: a second run would repeat it
+            return error
+        try:
+            return self._generate(wave, [requests[i]], [i])[0]
+        except Exception as exc:
+            log.exception("request %s failed", requests[i].id)
+            return exc
+
+    def _generate(
+        self, wave: _Wave[T], requests: list[PreparedRequest], rows: list[int]
+    ) -> list[Completion | Exception]:
+        """The engine's results for `requests`, rows `rows` of `wave`, streaming their tokens."""
+
+        def on_token(index: int, token: int) -> bool:
+            row = rows[index]
+            if self.closing or row in wave.stopped or self.on_token(wave.batch[row][1], token):
+                wave.stopped.add(row)
+                return True
+            wave.heard.add(row)
+            return False
+
+        if self.streams:
+            results = list(self.backend.generate(requests, on_token=on_token))
+        else:
+            results = list(self.backend.generate(requests))
+        if len(results) != len(requests):
+            raise RuntimeError(f"the engine returned {len(results)} results for {len(requests)}")
+        return results
 
     def _collect(self, block: bool) -> list[tuple[T, Completion | Exception]]:
         done: list[tuple[T, Completion | Exception]] = []

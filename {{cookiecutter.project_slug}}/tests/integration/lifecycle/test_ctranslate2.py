@@ -121,11 +121,12 @@ def test_a_request_starts_on_a_free_lane_while_a_batch_decodes(settings, float32
     }
     assert all(isinstance(a, Admitted) for a in admitted.values())
     heard: list[str] = []
-    scheduler.on_token = lambda tag, token: heard.append(tag) and False
+    scheduler.on_token = lambda tag, token: heard.append(tag) is not None
     scheduler.add(admitted["long"].request, "long")
     order = []
-    while "long" not in heard:  # the long one is decoding
+    while "long" not in heard and len(scheduler):  # until the long one decodes
         order += scheduler.step()
+    assert order == [], "the long request ended before its first token was heard"
     scheduler.add(admitted["short"].request, "short")
     while len(scheduler):
         order += scheduler.step()

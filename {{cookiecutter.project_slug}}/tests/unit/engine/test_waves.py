@@ -45,12 +45,15 @@ class Paced:
                 raise SystemExit("the engine thread died")
             if self.fail_on in names:
                 raise RuntimeError("the engine failed")
-            sent = [0] * len(batch)
+            sent, live = [0] * len(batch), [True] * len(batch)
             for step in range(max(len(r.token_ids) for r in batch)):
+                if not any(live):  # every row stopped: the batch ends, as CTranslate2's does
+                    break
                 time.sleep(STEP_S)
                 for i, r in enumerate(batch):
-                    if sent[i] == step < len(r.token_ids):
-                        sent[i] += not on_token(i, r.token_ids[step])
+                    if live[i] and step < len(r.token_ids):
+                        live[i] = not on_token(i, r.token_ids[step])
+                        sent[i] += live[i]
             return [Completion(str(n), "length", 1, n) for n in sent]
         finally:
             with self.lock:
@@ -86,7 +89,7 @@ def test_one_lane_runs_one_batch_at_a_time_without_holding_its_caller():
     scheduler.add(prepared("long", 40), "long")
     began = time.monotonic()
     assert scheduler.step() == [] and len(scheduler.running) == 1
-    assert time.monotonic() - began < 0.1  # not the batch's 0.4 s
+    assert time.monotonic() - began < 0.3  # not the batch's 0.4 s
     order = drive(scheduler, {0: [prepared("short", 3)]})
     assert [tag for tag, _ in order] == ["long", "short"] and engine.most == 1
 
@@ -120,6 +123,45 @@ def test_a_stopped_request_ends_alone_as_cancelled():
     results = dict(drive(scheduler, {0: [prepared("a", 6), prepared("b", 6)]}))
     assert isinstance(results["b"], Cancelled) and heard["b"] == 2
     assert results["a"].completion_tokens == 6 and heard["a"] == 6
+
+
+def test_a_failed_batch_runs_each_request_alone_and_only_the_culprit_fails():
+    engine = Paced(fail_on="bad", die_on="fatal")
+    scheduler = WaveScheduler(engine, lanes=1, max_batch_size=3, max_batch_tokens=10_000)
+    results = dict(drive(scheduler, {0: [prepared(n, 2) for n in ("good", "bad", "fine")]}))
+    assert isinstance(results["bad"], RuntimeError)
+    assert results["good"].completion_tokens == results["fine"].completion_tokens == 2
+    assert engine.batches == [["good", "bad", "fine"], ["good"], ["bad"], ["fine"]]
+    scheduler.add(prepared("fatal", 2), "fatal")
+    with pytest.raises(SystemExit, match="died"):  # the generation loop dies: it exits non-zero
+        drive(scheduler, {})
+
+
+def test_a_request_that_streamed_is_not_run_again_when_its_batch_fails():
+    class FailsLate(Paced):
+        def generate(self, batch, on_token=None):
+            if len(batch) > 1:
+                on_token(0, 7)  # the first request's text has begun
+                raise RuntimeError("the engine failed")
+            return super().generate(batch, on_token)
+
+    engine = FailsLate()
+    scheduler = WaveScheduler(engine, lanes=1, max_batch_size=2, max_batch_tokens=10_000)
+    results = dict(drive(scheduler, {0: [prepared("a", 2), prepared("b", 2)]}))
+    assert isinstance(results["a"], RuntimeError) and results["b"].completion_tokens == 2
+    assert engine.batches == [["b"]]  # only b ran again
+
+
+def test_closing_stops_the_batches_in_flight_and_waits_for_them():
+    engine = Paced()
+    scheduler = WaveScheduler(engine, lanes=2, max_batch_size=1, max_batch_tokens=10_000)
+    for name in ("a", "b", "c"):
+        scheduler.add(prepared(name, 100), name)  # 1 s each
+    scheduler.step()
+    began = time.monotonic()
+    scheduler.close()
+    assert time.monotonic() - began < 0.5 and engine.active == 0
+    assert not scheduler.waves and not scheduler.waiting and engine.most == 2
 
 
 def test_an_engine_error_fails_its_batch_only_and_a_dead_thread_reaches_the_caller():

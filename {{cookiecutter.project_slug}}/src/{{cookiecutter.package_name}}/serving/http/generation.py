@@ -119,7 +119,8 @@ class Generation:
             while True:
                 self._take(block=not len(self.scheduler))
                 done = self.scheduler.step()
-                if size := len(done) + len(self.scheduler.running):
+                size = len(done) + len(self.scheduler.running)
+                if size and (done or self.scheduler.step_decodes):  # not each poll of a batch
                     self.metrics.batch_size.observe(size)
                 for job, result in done:
                     self._finish(job, self.service.reply(job.admitted, result))

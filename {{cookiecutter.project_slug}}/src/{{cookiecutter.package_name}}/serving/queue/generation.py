@@ -122,6 +122,9 @@ class Generation:
                     self.session.complete_soon([d for d, _ in done], replies)
         finally:
             self.leftover += batcher.take_waiting()
+            close = getattr(batcher, "close", None)
+            if close is not None:  # batches on threads of their own: stopped before we go
+                close()
 
     def _fault(self, delivery: Delivery) -> None:
         fault = self.settings.fault_generation_on
@@ -160,11 +163,11 @@ class Chunks:
         return False
 
     def flush(self) -> None:
-        with self.lock:
+        with self.lock:  # handed on under the lock: batches that flush at once keep their order
             pending, self.pending = self.pending, []
-        self.flushed = time.monotonic()
-        if pending:
-            self.session.stream_soon(pending)
+            self.flushed = time.monotonic()
+            if pending:
+                self.session.stream_soon(pending)
 
     def done(self, deliveries: list[Delivery]) -> None:
         """Publish what is pending, and forget these requests (their replies complete the text)."""
