@@ -1,32 +1,41 @@
-"""One decode step of a Llama-family model, written out as torch calls on the model's own weights.
+"""A pass of a Llama-family model, written out as torch calls on the model's own weights: the
+running rows' next tokens and the joining prompts' prefill, in one pass.
 
 A decode step through transformers' modules spends about a fifth of its time in Python (module
 calls, mask and cache bookkeeping: 61 ms a step at 8 rows in float32, of which the matrix
 products take about 36, measured). This does the same arithmetic in the same order (RMSNorm,
-rotary embedding, grouped-query attention through SDPA with the query heads packed per key/value
-head, SiLU MLP), so the text is the same, with about 15 torch calls a layer and nothing else:
-vLLM and llama.cpp also write their model code. The prompt's prefill stays transformers'.
+rotary embedding, grouped-query attention through SDPA, SiLU MLP) with about 15 torch calls a
+layer and nothing else: vLLM and llama.cpp also write their model code.
+
+A pass can carry both kinds of tokens (chunked prefill, as vLLM and SARATHI schedule it): the
+running rows' last tokens and the joining prompts' tokens, packed end to end, go through every
+matrix product together, so the weights are read once for both; only attention is apart (the
+rows against the slab, each prompt causally against itself and the cached prefix). A prompt
+that joins no longer pauses the running rows for a pass of its own: on an AMD EPYC (Zen 5) in
+bfloat16, a join of a 37-token prompt beside 7 running rows cost 45 ms (prefill, then the step)
+and now costs one pass of about 25.
 
 On a CPU, the weights are prepacked once into oneDNN's blocked layout (`PACKED_DECODE_ROWS`
 is the row count they are laid out for; any count runs on them), as torch.compile's CPU backend
 does when it freezes a model: an unpacked product repacks each weight on every call, and in
 float32 goes through MKL, which on an AMD EPYC (Zen 4) read the 49,152-word output layer at 5 GB/s
-at 8 rows (21 ms) where oneDNN's packed kernel reads it at 20 GB/s (5.5 ms). In bfloat16 the
-packed product is bit-identical to the unpacked one (both are oneDNN's). The cost is a second
-copy of the weights in memory.
+at 8 rows (21 ms) where oneDNN's packed kernel reads it at 20 GB/s (5.5 ms). The query, key and
+value projections are packed as one product, and so are the gate and up projections: 4 products
+a layer instead of 7 (on Zen 5 in bfloat16, 1 ms less of a 15 ms step at 8 rows). The cost is a
+second copy of the weights in memory.
 
 Only plain Llama (SmolLM2, TinyLlama, Llama 2 and 3) qualifies (`LlamaStep.supports`); any other
-model decodes through its transformers modules, on the same KV cache.
+model runs through its transformers modules, on the same KV cache.
 """
 
-import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import Slab
+from .kv_cache import Layers, PrefixCache, Slab
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +53,45 @@ def can_pack(model: Any) -> bool:
     return model.dtype == torch.float32
 
 
-# The model's attribute holding (rows, {id(weight): packed weight}) once it is packed.
+# The model's attribute holding (rows, packed products) once it is packed: a later step on the
+# same model (the worker's, after a reconnection) reuses them.
 PACKED = "_packed_products"
+
+
+@dataclass
+class Decode:
+    """The running rows' part of a pass: their last tokens (`[rows]`) at `positions` (`[rows,
+    1]`); `mask` (`[rows, slab length + 1]`, 0 on padding) is what they may attend to. Their
+    keys and values go into the slab at its end; the caller advances it."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class Prompts:
+    """The joining prompts' part of a pass: their tokens after the prefix that `prefix` caches
+    for all of them (`start` tokens), packed end to end."""
+
+    ids: list[list[int]]
+    prefix: PrefixCache | None = None
+
+    def __post_init__(self) -> None:
+        self.start = self.prefix.covers(self.ids) if self.prefix is not None else 0
+        self.lengths = [len(ids) - self.start for ids in self.ids]
+        self.tokens = [token for ids in self.ids for token in ids[self.start :]]
+        self.ends = torch.tensor(self.lengths).cumsum(0)
+
+
+@dataclass
+class Passed:
+    """What a pass gives: the rows' next-token logits (`[rows, vocab]`), the prompts' (`[prompts,
+    vocab]`, of their last tokens) and each prompt's keys and values, prefix included."""
+
+    rows: torch.Tensor | None
+    prompts: torch.Tensor | None
+    layers: list[Layers]
 
 
 class LlamaStep:
@@ -78,40 +124,35 @@ class LlamaStep:
         ]
         self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
         self.model = model
-        self.packed: dict[int, torch.Tensor] = {}  # by id of the weight
+        # Per layer: the query-key-value product, the output one, the gate-up one, the down one;
+        # then the output layer. Empty until packed.
+        self.packed: list[torch.Tensor] = []
         if not self.packed_rows:
-            unpack(model)  # a step that decodes unpacked prefills unpacked too
+            model.__dict__.pop(PACKED, None)  # a step that runs unpacked frees the packed copy
 
     def pack(self) -> None:
-        """Pack the weights once, before the first prefill: in the thread that generates, as
+        """Pack the weights once, before the first pass: in the thread that generates, as
         packing runs parallel kernels (see `lifecycle.loading.load_service_apart` for why that
-        matters). The model's own linear modules then run on them too: the prompts' prefill,
-        which goes through transformers' modules, gains as much (28.5 -> 18 ms of products for a
-        7-token prompt in bfloat16, 60.6 -> 44.6 for 66). The packed copy is kept on the model,
-        so a later batcher on it (the worker's, after a reconnection) reuses it."""
+        matters). The packed copy is kept on the model, so a later step on it reuses it."""
         if not self.packed_rows or self.packed:
             return
-        rows, packed = getattr(self.model, PACKED, (0, {}))
+        rows, packed = getattr(self.model, PACKED, (0, []))
         if rows != self.packed_rows:
-            unpack(self.model)  # the previous copy goes before another is made
-            products = [m for m in self.model.modules() if type(m) is torch.nn.Linear]
+            self.model.__dict__.pop(PACKED, None)  # the previous copy goes before another is made
             reorder = torch.ops.mkldnn._reorder_linear_weight
-            try:  # all or nothing: a half-packed model would fail every packed step after
-                packed = {id(m.weight): reorder(m.weight, self.packed_rows) for m in products}
+            weights = [
+                one
+                for _, wq, wk, wv, wo, _, gate, up, down in self.layers
+                for one in (torch.cat([wq, wk, wv]), wo, torch.cat([gate, up]), down)
+            ] + [self.lm_head]
+            try:  # all or nothing: a half-packed model would fail every packed pass after
+                packed = [reorder(weight, self.packed_rows) for weight in weights]
             except (RuntimeError, MemoryError) as exc:  # a second copy did not fit
                 log.warning("packing the weights failed (%s); running unpacked", exc)
                 self.packed_rows = 0
                 return
-            for module in products:
-                product = functools.partial(_packed_product, packed[id(module.weight)])
-                module.forward = product  # type: ignore[method-assign]  # this instance's only
             setattr(self.model, PACKED, (self.packed_rows, packed))
         self.packed = packed
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return _packed_product(self.packed[id(weight)], x)
-        return F.linear(x, weight)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -139,45 +180,142 @@ class LlamaStep:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
+    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The queries, keys and values of `h` (`[tokens, hidden]`), each `[tokens, heads x
+        head dim]`."""
+        _, wq, wk, wv, *_ = self.layers[index]
+        if not self.packed:
+            return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
+        width = self.kv_heads * self.head_dim
+        return _packed_product(self.packed[4 * index], h).split([wq.shape[0], width, width], -1)
+
+    def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        *_, gate, up, down = self.layers[index]
+        if not self.packed:
+            return F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+        both = _packed_product(self.packed[4 * index + 2], h)
+        return _packed_product(
+            self.packed[4 * index + 3], F.silu(both[:, : gate.shape[0]]) * both[:, gate.shape[0] :]
+        )
+
+    def _out(self, index: int, attended: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return F.linear(attended, self.layers[index][4])
+        return _packed_product(self.packed[4 * index + 1], attended)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._rms(x, self.norm)
+        return _packed_product(self.packed[-1], x) if self.packed else F.linear(x, self.lm_head)
+
     @torch.inference_mode()
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """The next-token logits `[rows, vocab]` of `ids` (`[rows]`, at `positions`, `[rows,
-        1]`); `mask` (`[rows, slab length + 1]`, 0 on padding) is what they may attend to. Their
-        keys and values go into the slab at its end; the caller advances it."""
+        """The next-token logits `[rows, vocab]` of a decode step alone (see `Decode`)."""
+        logits = self.run(Decode(ids, positions, mask), None).rows
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def run(self, decode: Decode | None, prompts: Prompts | None) -> Passed:
+        """One pass over the running rows' tokens and the joining prompts' tokens together."""
         self.pack()
-        rows, groups = ids.shape[0], self.heads // self.kv_heads
-        x = F.embedding(ids, self.embed)  # [rows, hidden]
-        cos, sin = self.rotary(x, positions)  # [rows, 1, head dim]
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads
-        attend = mask.bool()[:, None, None, :]
-        for index, (norm_in, wq, wk, wv, wo, norm_post, gate, up, down) in enumerate(self.layers):
+        rows = 0 if decode is None else int(decode.ids.shape[0])
+        device = self.embed.device
+        tokens = torch.tensor(prompts.tokens if prompts else [], dtype=torch.long, device=device)
+        if decode is not None:
+            tokens = torch.cat([decode.ids.to(device), tokens])
+        x = F.embedding(tokens, self.embed)  # [rows + prompt tokens, hidden]
+        decoding = self._decoding(x, decode) if decode is not None else None
+        prefilling = self._prefilling(x, prompts) if prompts is not None else None
+        layers: list[Layers] = [[] for _ in (prompts.ids if prompts else [])]
+        for index, (norm_in, *_, norm_post, _, _, _) in enumerate(self.layers):
             h = self._rms(x, norm_in)
-            q = _rotate(self._linear(h, wq).view(rows, self.heads, 1, self.head_dim), cos, sin)
-            k = _rotate(self._linear(h, wk).view(rows, self.kv_heads, 1, self.head_dim), cos, sin)
-            v = self._linear(h, wv).view(rows, self.kv_heads, 1, self.head_dim)
-            keys, values = self.slab.write(index, k, v)
-            attended = F.scaled_dot_product_attention(
-                q.reshape(rows, self.kv_heads, groups, self.head_dim),  # query heads per kv head
-                keys,
-                values,
-                attn_mask=attend,
-                scale=self.head_dim**-0.5,
-            )
-            x = x + self._linear(attended.reshape(rows, -1), wo)
-            h = self._rms(x, norm_post)
-            x = x + self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
-        return self._linear(self._rms(x, self.norm), self.lm_head)
+            q, k, v = self._qkv(index, h)
+            parts = []
+            if decoding is not None:
+                parts.append(self._attend_rows(index, decoding, q[:rows], k[:rows], v[:rows]))
+            if prefilling is not None:
+                assert prompts is not None
+                attended, owned = self._attend_prompts(
+                    index, prompts, prefilling, q[rows:], k[rows:], v[rows:]
+                )
+                parts.append(attended)
+                for mine, own in zip(layers, owned, strict=True):
+                    mine.append(own)
+            x = x + self._out(index, torch.cat(parts) if len(parts) > 1 else parts[0])
+            x = x + self._mlp(index, self._rms(x, norm_post))
+        keep = torch.arange(rows, device=x.device)
+        if prompts is not None:
+            keep = torch.cat([keep, rows + prompts.ends.to(x.device) - 1])
+        logits = self._logits(x[keep])
+        if prompts is not None and prompts.prefix is not None:
+            prompts.prefix.learn(prompts.ids, layers)
+        return Passed(logits[:rows] if rows else None, logits[rows:] if prompts else None, layers)
 
+    def _decoding(self, x: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, ...]:
+        """cos, sin and the attention mask of the running rows, for every layer."""
+        cos, sin = self.rotary(x, decode.positions.to(x.device))  # [rows, 1, head dim]
+        return cos[:, None], sin[:, None], decode.mask.bool()[:, None, None, :]
 
-def unpack(model: Any) -> None:
-    """Point the model's linear modules back at their own weights; free the packed copy."""
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _packed_product:
-            del module.__dict__["forward"]
-    model.__dict__.pop(PACKED, None)
+    def _attend_rows(
+        self, index: int, decoding: tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The rows' attention: one query a row against the slab, the query heads of each
+        key/value head packed as one head's queries."""
+        cos, sin, attend = decoding
+        rows, groups = q.shape[0], self.heads // self.kv_heads
+        q = _rotate(q.reshape(rows, self.heads, 1, self.head_dim), cos, sin)
+        k = _rotate(k.reshape(rows, self.kv_heads, 1, self.head_dim), cos, sin)
+        keys, values = self.slab.write(index, k, v.reshape(rows, self.kv_heads, 1, self.head_dim))
+        attended = F.scaled_dot_product_attention(
+            q.reshape(rows, self.kv_heads, groups, self.head_dim),  # query heads per kv head
+            keys,
+            values,
+            attn_mask=attend,
+            scale=self.head_dim**-0.5,
+        )
+        return attended.reshape(rows, -1)
+
+    def _prefilling(self, x: torch.Tensor, prompts: Prompts) -> tuple[torch.Tensor, ...]:
+        """cos, sin and the attention mask of the prompts' tokens: each attends to the cached
+        prefix and, causally, to its own tokens."""
+        start, lengths = prompts.start, torch.tensor(prompts.lengths)
+        positions = torch.cat([torch.arange(start, start + n) for n in prompts.lengths])
+        cos, sin = self.rotary(x, positions[None].to(x.device))  # [1, tokens, head dim]
+        prompt = torch.repeat_interleave(torch.arange(len(prompts.lengths)), lengths)
+        at = torch.arange(len(positions))
+        mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
+        mask = torch.cat([torch.ones(len(at), start, dtype=torch.bool), mask], dim=1)
+        return cos[:, None], sin[:, None], mask[None, None].to(x.device)
+
+    def _attend_prompts(
+        self, index: int, prompts: Prompts, prefilling: tuple[torch.Tensor, ...],
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    ) -> tuple[torch.Tensor, Layers]:  # fmt: skip
+        """The prompts' attention, and each prompt's keys and values (`[1, kv heads, prefix +
+        its tokens, head dim]`) for the slab."""
+        cos, sin, mask = prefilling
+        tokens = q.shape[0]
+        q = _rotate(q.view(1, tokens, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        if prompts.start:
+            assert prompts.prefix is not None
+            before_k, before_v = prompts.prefix.layers[index]
+            k, v = torch.cat([before_k, k], dim=2), torch.cat([before_v, v], dim=2)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True
+        )
+        start, owned = prompts.start, []
+        for end, length in zip(prompts.ends.tolist(), prompts.lengths, strict=True):
+            own = slice(start + end - length, start + end)
+            owned.append(
+                (torch.cat([k[:, :, :start], k[:, :, own]], dim=2),
+                 torch.cat([v[:, :, :start], v[:, :, own]], dim=2))
+            )  # fmt: skip
+        return attended.transpose(1, 2).reshape(tokens, -1), owned
 
 
 def _packed_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
