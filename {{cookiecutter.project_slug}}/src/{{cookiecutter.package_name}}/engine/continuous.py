@@ -7,8 +7,8 @@ next step (iteration-level scheduling, as in Orca, vLLM and TGI). The KV cache i
 left-padded slab (`kv_cache.py`): the newcomers are prefilled together and copied in as rows
 (on a Llama model, in the same pass over the weights as the running rows' next tokens: see
 `llama_step.py`); a finished row is overwritten by the last one, and columns that hold only
-padding are left out of attention. Each sampled row draws from a generator of its own, so a seeded request's text does
-not depend on its batchmates.
+padding are left out of attention. Each sampled row draws from a generator of its own, so a
+seeded request's text does not depend on its batchmates.
 """
 
 import inspect
