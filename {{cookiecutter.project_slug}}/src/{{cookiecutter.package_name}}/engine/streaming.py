@@ -46,6 +46,24 @@ class Scheduler(Protocol[T]):
     def take_waiting(self) -> list[T]: ...
 
 
+Q = TypeVar("Q", bound=tuple)  # a waiting request: (PreparedRequest, tag, ...)
+
+
+def take_batch(waiting: "deque[Q]", size: int, max_tokens: int) -> list[Q]:
+    """Pop from the front of `waiting` (first come, first served) while the batch has fewer
+    than `size` requests and its padded size (count x longest prompt and new tokens) stays
+    within `max_tokens`; the first request is taken whatever its size."""
+    batch: list[Q] = []
+    longest = 0
+    while waiting and len(batch) < size:
+        longest_after = max(longest, waiting[0][0].tokens)
+        if batch and (len(batch) + 1) * longest_after > max_tokens:
+            break
+        batch.append(waiting.popleft())
+        longest = longest_after
+    return batch
+
+
 def never_stop(tag: object, token: int) -> bool:
     return False
 
@@ -147,15 +165,9 @@ class StaticStreamer(Generic[T]):
         if due > 0 and len(self.waiting) < self.max_batch_size:
             time.sleep(min(due, 0.005))
             return []
-        batch: list[tuple[PreparedRequest, T]] = []
-        longest = 0
-        while self.waiting and len(batch) < self.max_batch_size:
-            longest_after = max(longest, self.waiting[0][0].tokens)
-            if batch and (len(batch) + 1) * longest_after > self.max_batch_tokens:
-                break
-            batch.append(self.waiting.popleft())
+        batch = take_batch(self.waiting, self.max_batch_size, self.max_batch_tokens)
+        for _ in batch:
             self.arrived.popleft()
-            longest = longest_after
         self.running = batch  # seen as running while it generates
         stopped: set[int] = set()
         for _, tag in batch:

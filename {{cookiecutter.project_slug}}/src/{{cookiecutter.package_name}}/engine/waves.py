@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 from .backend import Cancelled, Completion
 from .prompts import PreparedRequest
-from .streaming import OnStart, OnToken, never_stop, started
+from .streaming import OnStart, OnToken, never_stop, started, take_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,16 +115,8 @@ class WaveScheduler(Generic[T]):
             free -= 1
 
     def _take(self, size: int) -> list[tuple[PreparedRequest, T]]:
-        batch: list[tuple[PreparedRequest, T]] = []
-        longest = 0
-        while self.waiting and len(batch) < size:
-            longest_after = max(longest, self.waiting[0][0].tokens)
-            if batch and (len(batch) + 1) * longest_after > self.max_batch_tokens:
-                break
-            request, tag, _ = self.waiting.popleft()
-            batch.append((request, tag))
-            longest = longest_after
-        return batch
+        taken = take_batch(self.waiting, size, self.max_batch_tokens)
+        return [(request, tag) for request, tag, _ in taken]
 
     def close(self) -> None:
         """Stop the batches in flight at their next token and wait for them (the caller is

@@ -225,6 +225,35 @@ def test_a_request_that_breaks_the_engine_fails_alone(backend):
     assert [results[r.id] for r in good] == [backend.generate([r])[0] for r in good]
 
 
+def test_a_join_and_the_running_rows_share_one_pass(backend, monkeypatch):
+    """A prompt that joins is prefilled in the pass that decodes the running rows, not in a
+    pass of its own that would pause them, with the same texts."""
+    batcher = backend.continuous(4, 10_000, packed_rows=8)
+    passes, run = [], batcher._step.run
+
+    def counted(decode, prompts):
+        rows = 0 if decode is None else len(decode.ids)
+        passes.append((rows, len(prompts.ids) if prompts else 0))
+        return run(decode, prompts)
+
+    monkeypatch.setattr(batcher._step, "run", counted)
+    requests = [request(i, 5 + i, max_new_tokens=12) for i in range(3)]
+    results = run_all(batcher, {0: requests[:2], 2: requests[2:]})
+    assert passes[:3] == [(0, 2), (2, 0), (2, 1)]  # rows, prompts
+    tokens = {tag: completion.completion_tokens for tag, completion in results.items()}
+    assert len(passes) == max(tokens["r0"], tokens["r1"], 2 + tokens["r2"])  # one pass a step
+    assert results == {r.id: backend.generate([r])[0] for r in requests}
+
+
+def test_a_prompt_that_breaks_the_pass_it_joins_fails_alone(backend):
+    """The pass runs again as its parts: the running rows' step, then each prompt alone."""
+    broken = PreparedRequest("bad", "", [VOCAB + 5], request(0, 1).params)
+    good = [request(i, 4, max_new_tokens=8) for i in range(3)]
+    results = run_all(backend.continuous(4, 10_000), {0: good[:2], 2: [broken, good[2]]})
+    assert isinstance(results["bad"], Exception)
+    assert [results[r.id] for r in good] == [backend.generate([r])[0] for r in good]
+
+
 def test_waiting_requests_can_be_taken_back(backend):
     batcher = backend.continuous(max_batch_size=2, max_batch_tokens=10_000)
     for i in range(5):
