@@ -98,6 +98,8 @@ BASE_FILES = {
     "src/{pkg}/bench/against.py",
     "src/{pkg}/engine/kv_cache.py",
     "src/{pkg}/engine/llama_step.py",
+    "src/{pkg}/engine/packing.py",
+    "src/{pkg}/engine/prefill.py",
     "src/{pkg}/engine/sampling.py",
     "src/{pkg}/engine/cores.py",
     "src/{pkg}/bench/modes.py",

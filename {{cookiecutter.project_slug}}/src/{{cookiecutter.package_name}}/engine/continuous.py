@@ -11,7 +11,6 @@ padding are left out of attention. Each sampled row draws from a generator of it
 seeded request's text does not depend on its batchmates.
 """
 
-import inspect
 import logging
 import random
 from collections import deque
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .backend import Cancelled, Completion, stop_in_tail
-from .kv_cache import Layers, PrefixCache, Slab, pad_left, prefill_packed, swap_removal
+from .kv_cache import Layers, Slab, pad_left, swap_removal
 from .llama_step import Decode, LlamaStep, Prompts
+from .prefill import Prefill, Prefilled
 from .prompts import PreparedRequest
-from .sampling import sample
+from .sampling import pick
 from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,14 @@ class ContinuousBatcher(Generic[T]):
         self.waiting: deque[_Row[T]] = deque()
         self.running: list[_Row[T]] = []
         self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
-        self._packs = getattr(self.model.config, "_attn_implementation", "") == "sdpa"
-        self._prefix = PrefixCache() if self._packs else None
         self._step = None
         if LlamaStep.supports(self.model):
             self._step = LlamaStep(self.model, self._slab, min(packed_rows, max_batch_size))
+        self._prefill = Prefill(self.model, self._step)
+        self._prefix = self._prefill.prefix
         self._mask: torch.Tensor | None = None  # [rows, slab length]: 0 where padding
         self.on_token: OnToken = never_stop
         self.on_start: OnStart = started
-        # transformers renamed `past_key_values` to `cache` in 5.x; pass what this model takes.
-        forward = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -143,13 +140,13 @@ class ContinuousBatcher(Generic[T]):
         return joining
 
     def _admit(
-        self, joining: list[_Row[T]], results: list[tuple[Layers, int] | Exception] | None = None
+        self, joining: list[_Row[T]], results: list[Prefilled | Exception] | None = None
     ) -> list[tuple[T, Completion | Exception]]:
         """Join the prefilled requests (`results`: prefilled here if not given) to the batch with
         their first tokens; those whose prefill failed come back with their exceptions."""
         prefilled: list[tuple[_Row[T], Layers, int]] = []
         failed: list[tuple[T, Completion | Exception]] = []
-        results = self._prefill_isolated(joining) if results is None else results
+        results = self._prefill.isolated(joining) if results is None else results
         for row, result in zip(joining, results, strict=True):
             if isinstance(result, Exception):  # one error reply, the others are served
                 failed.append((row.tag, result))
@@ -160,44 +157,6 @@ class ContinuousBatcher(Generic[T]):
         first = len(self.running)
         self._join([(row, layers) for row, layers, _ in prefilled])
         return failed + self._advance([token for *_, token in prefilled], first)
-
-    def _prefill_isolated(self, rows: list[_Row[T]]) -> list[tuple[Layers, int] | Exception]:
-        """`_prefill`, packed where the attention is SDPA (the packing mask is a boolean one);
-        if the packed pass fails, or a row of it does (a NaN reaches the others through
-        attention's 0 x NaN), each prompt alone, so that only the one that breaks fails."""
-
-        def separately() -> list[tuple[Layers, int] | Exception]:
-            return [one for row in rows for one in self._prefill_isolated([row])]
-
-        if len(rows) > 1 and not self._packs:
-            return separately()
-        try:
-            results = self._prefill(rows)
-        except Exception as exc:
-            if len(rows) > 1:
-                return separately()
-            log.exception("prefill failed for request %s", rows[0].request.id)
-            return [exc]
-        failed = any(isinstance(result, Exception) for result in results)
-        return separately() if failed and len(rows) > 1 else results
-
-    def _prefill(self, rows: list[_Row[T]]) -> list[tuple[Layers, int] | Exception]:
-        """The prompts' keys and values and first tokens, from one packed pass."""
-        prompts = [row.request.token_ids for row in rows]
-        if self._step is not None:
-            passed = self._step.run(None, Prompts(prompts, self._prefix))
-            assert passed.prompts is not None
-            logits, layers = passed.prompts, passed.layers
-        else:
-            logits, layers = prefill_packed(self.model, prompts, self._cache_arg, self._prefix)
-        return self._first_tokens(logits, layers, rows)
-
-    def _first_tokens(
-        self, logits: torch.Tensor, layers: list[Layers], rows: list[_Row[T]]
-    ) -> list[tuple[Layers, int] | Exception]:
-        tokens = self._pick(logits, rows)
-        pairs = zip(tokens, layers, strict=True)
-        return [t if isinstance(t, Exception) else (own, t) for t, own in pairs]
 
     def _join(self, joining: list[tuple[_Row[T], Layers]]) -> None:
         """Copy the newcomers' keys and values into the slab as rows; extend the mask."""
@@ -238,12 +197,12 @@ class ContinuousBatcher(Generic[T]):
             assert passed.rows is not None
             self._mask = mask
             self._slab.advance()
-            finished += self._advance(self._pick(passed.rows, rows))
+            finished += self._advance(pick(passed.rows, rows))
         if joining:
             assert passed.prompts is not None
-            results = self._first_tokens(passed.prompts, passed.layers, joining)
+            results = self._prefill.first_tokens(passed.prompts, passed.layers, joining)
             if len(joining) > 1 and any(isinstance(result, Exception) for result in results):
-                results = [one for row in joining for one in self._prefill_isolated([row])]
+                results = [one for row in joining for one in self._prefill.isolated([row])]
             finished += self._admit(joining, results)
         return finished
 
@@ -266,7 +225,7 @@ class ContinuousBatcher(Generic[T]):
                     attention_mask=self._mask,
                     position_ids=positions,
                     use_cache=True,
-                    **{self._cache_arg: self._slab.cache},
+                    **{self._prefill.cache_arg: self._slab.cache},
                 )
                 logits = out.logits[:, -1, :]
         except Exception as exc:  # the rows in flight get error replies
@@ -275,30 +234,7 @@ class ContinuousBatcher(Generic[T]):
             self._slab.clear()
             return [(r.tag, exc) for r in rows]
         self._slab.advance()
-        return self._advance(self._pick(logits, rows))
-
-    def _pick(self, logits: torch.Tensor, rows: Sequence[_Row[T]]) -> list[int | Exception]:
-        """Each row's next token: argmax when greedy, else top-p sampling at its temperature.
-
-        A row whose logits are NaN, or whose sampling fails, gets an exception instead of a
-        token: it alone ends with an error, the other rows go on.
-        """
-        # The maximum in the logits' own dtype: the same index as in float32 (every bfloat16 is
-        # exact in it), without a float32 copy of the batch's logits (3 ms a step at 8 rows). A
-        # row with a NaN has NaN for its maximum (max propagates it), so one pass finds both:
-        # 0.12 ms at 8 rows in bfloat16, where isnan-any then argmax took 0.89.
-        best, index = logits.max(dim=-1)
-        broken = best.isnan().tolist()
-        picked: list[int | Exception] = list(index.tolist())
-        for i, row in enumerate(rows):
-            if broken[i]:
-                picked[i] = FloatingPointError("the model produced NaN logits")
-            elif not row.request.params.greedy:
-                try:
-                    picked[i] = sample(logits[i].float(), row.request.params, row.generator)
-                except (RuntimeError, FloatingPointError) as exc:
-                    picked[i] = exc
-        return picked
+        return self._advance(pick(logits, rows))
 
     def _advance(
         self, tokens: Sequence[int | Exception], first: int = 0

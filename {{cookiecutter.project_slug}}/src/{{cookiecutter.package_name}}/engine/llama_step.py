@@ -15,20 +15,12 @@ that joins no longer pauses the running rows for a pass of its own: on an AMD EP
 bfloat16, the step in which a 37-token chat prompt joins 7 running rows took 37 ms (its prefill
 pass, then the rows' step) and now takes one pass of 22 (a step without a join: 12-13 ms).
 
-On a CPU, the weights are prepacked once into oneDNN's blocked layout (`PACKED_DECODE_ROWS`
-is the row count they are laid out for; any count runs on them), as torch.compile's CPU backend
-does when it freezes a model: an unpacked product repacks each weight on every call, and in
-float32 goes through MKL, which on an AMD EPYC (Zen 4) read the 49,152-word output layer at 5 GB/s
-at 8 rows (21 ms) where oneDNN's packed kernel reads it at 20 GB/s (5.5 ms). The query, key and
-value projections are packed as one product, and so are the gate and up projections: 4 products
-a layer instead of 7 (on Zen 5 in bfloat16, 1 ms less of a 15 ms step at 8 rows). The cost is a
-second copy of the weights in memory.
+On a CPU the products run on weights prepacked by oneDNN (`packing.py`).
 
 Only plain Llama (SmolLM2, TinyLlama, Llama 2 and 3) qualifies (`LlamaStep.supports`); any other
 model runs through its transformers modules, on the same KV cache.
 """
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,26 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import Layers, PrefixCache, Slab
-
-log = logging.getLogger(__name__)
-
-
-def can_pack(model: Any) -> bool:
-    """oneDNN's prepacked products apply: float32 or bfloat16 weights on a CPU whose torch has
-    oneDNN (bfloat16 only where the CPU computes it natively)."""
-    mkldnn = torch.ops.mkldnn
-    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(mkldnn, "_reorder_linear_weight") or not hasattr(mkldnn, "_linear_pointwise"):
-        return False
-    if model.dtype == torch.bfloat16:
-        return bool(mkldnn._is_mkldnn_bf16_supported())
-    return model.dtype == torch.float32
-
-
-# The model's attribute holding (rows, packed products) once it is packed: a later step on the
-# same model (the worker's, after a reconnection) reuses them.
-PACKED = "_packed_products"
+from .packing import can_pack, pack_llama, packed_product, unpack
 
 
 @dataclass
@@ -128,31 +101,13 @@ class LlamaStep:
         # then the output layer. Empty until packed.
         self.packed: list[torch.Tensor] = []
         if not self.packed_rows:
-            model.__dict__.pop(PACKED, None)  # a step that runs unpacked frees the packed copy
+            unpack(model)  # a step that runs unpacked frees the packed copy
 
     def pack(self) -> None:
-        """Pack the weights once, before the first pass: in the thread that generates, as
-        packing runs parallel kernels (see `lifecycle.loading.load_service_apart` for why that
-        matters). The packed copy is kept on the model, so a later step on it reuses it."""
-        if not self.packed_rows or self.packed:
-            return
-        rows, packed = getattr(self.model, PACKED, (0, []))
-        if rows != self.packed_rows:
-            self.model.__dict__.pop(PACKED, None)  # the previous copy goes before another is made
-            reorder = torch.ops.mkldnn._reorder_linear_weight
-            weights = [
-                one
-                for _, wq, wk, wv, wo, _, gate, up, down in self.layers
-                for one in (torch.cat([wq, wk, wv]), wo, torch.cat([gate, up]), down)
-            ] + [self.lm_head]
-            try:  # all or nothing: a half-packed model would fail every packed pass after
-                packed = [reorder(weight, self.packed_rows) for weight in weights]
-            except (RuntimeError, MemoryError) as exc:  # a second copy did not fit
-                log.warning("packing the weights failed (%s); running unpacked", exc)
-                self.packed_rows = 0
-                return
-            setattr(self.model, PACKED, (self.packed_rows, packed))
-        self.packed = packed
+        """Pack the weights once, before the first pass (see `packing.pack_llama`)."""
+        if self.packed_rows and not self.packed:
+            self.packed = pack_llama(self.model, self.layers, self.lm_head, self.packed_rows)
+            self.packed_rows = self.packed_rows if self.packed else 0
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -187,25 +142,25 @@ class LlamaStep:
         if not self.packed:
             return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
         width = self.kv_heads * self.head_dim
-        return _packed_product(self.packed[4 * index], h).split([wq.shape[0], width, width], -1)
+        return packed_product(self.packed[4 * index], h).split([wq.shape[0], width, width], -1)
 
     def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
         *_, gate, up, down = self.layers[index]
         if not self.packed:
             return F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
-        both = _packed_product(self.packed[4 * index + 2], h)
-        return _packed_product(
+        both = packed_product(self.packed[4 * index + 2], h)
+        return packed_product(
             self.packed[4 * index + 3], F.silu(both[:, : gate.shape[0]]) * both[:, gate.shape[0] :]
         )
 
     def _out(self, index: int, attended: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(attended, self.layers[index][4])
-        return _packed_product(self.packed[4 * index + 1], attended)
+        return packed_product(self.packed[4 * index + 1], attended)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self._rms(x, self.norm)
-        return _packed_product(self.packed[-1], x) if self.packed else F.linear(x, self.lm_head)
+        return packed_product(self.packed[-1], x) if self.packed else F.linear(x, self.lm_head)
 
     @torch.inference_mode()
     def __call__(
@@ -316,11 +271,6 @@ class LlamaStep:
                  torch.cat([v[:, :, :start], v[:, :, own]], dim=2))
             )  # fmt: skip
         return attended.transpose(1, 2).reshape(tokens, -1), owned
-
-
-def _packed_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` on the weight oneDNN packed (`torch.ops.mkldnn._reorder_linear_weight`)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def test_staggered_arrivals_give_the_texts_of_one_at_a_time(backend):
 @pytest.mark.parametrize("packed_rows", [0, 1, 8])
 def test_written_out_and_packed_decode_steps_give_the_texts_of_one_at_a_time(backend, packed_rows):
     """Steps of any row count run on the prepacked weights (laid out for `packed_rows` rows)."""
-    from {{ cookiecutter.package_name }}.engine.llama_step import can_pack
+    from {{ cookiecutter.package_name }}.engine.packing import can_pack
 
     requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
     alone = {r.id: backend.generate([r])[0] for r in requests}
@@ -264,7 +264,8 @@ def test_waiting_requests_can_be_taken_back(backend):
 
 
 def test_a_row_whose_logits_are_nan_fails_alone_and_no_temperature_overflows():
-    from {{ cookiecutter.package_name }}.engine.continuous import ContinuousBatcher, _Row
+    from {{ cookiecutter.package_name }}.engine.continuous import _Row
+    from {{ cookiecutter.package_name }}.engine.sampling import pick
 
     def row(name: str, temperature: float) -> _Row:
         params = GenerationParams(8, temperature, 1.0, 1, ())
@@ -280,7 +281,7 @@ def test_a_row_whose_logits_are_nan_fails_alone_and_no_temperature_overflows():
             [0.0, 0.0, float("-inf")],
         ]
     )
-    picked = ContinuousBatcher._pick(None, logits, rows)  # type: ignore[arg-type]
+    picked = pick(logits, rows)
     assert isinstance(picked[0], FloatingPointError)
     assert picked[1:3] == [0, 1]
     assert picked[3] in (0, 1)
@@ -319,7 +320,7 @@ def test_a_stop_string_of_many_byte_tokens_is_found_in_the_tail():
 
 
 def test_batchers_on_one_model_share_its_packed_weights_and_an_unpacked_one_frees_them(backend):
-    from {{ cookiecutter.package_name }}.engine.llama_step import PACKED, can_pack
+    from {{ cookiecutter.package_name }}.engine.packing import PACKED, can_pack
 
     if not can_pack(backend.model):
         pytest.skip("this torch has no oneDNN: nothing is packed")  # every x86 and Arm build has
