@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     # step-level API: there `continuous` runs overlapping batches, up to INTER_THREADS at once.
 {%- endif %}
     scheduling: Literal["continuous", "static"] = "continuous"
-    # Continuous decode steps run on weights prepacked by oneDNN, laid out for this many rows (a
-    # CPU, float32 or bfloat16, a Llama model): a second copy of the weights, a step up to 1.8x
-    # as fast. 0 = off.
+    # Continuous batching's passes (decoding and prefill) run on weights prepacked by oneDNN,
+    # laid out for this many rows (a CPU, float32 or bfloat16, a Llama model): a second copy of
+    # the weights, a step up to 1.8x as fast. 0 = off.
     packed_decode_rows: int = Field(default=8, ge=0)
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.

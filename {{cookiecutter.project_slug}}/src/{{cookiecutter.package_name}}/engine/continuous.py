@@ -31,8 +31,8 @@ from .streaming import OnStart, OnToken, never_stop, started
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Prompt tokens prefilled together in one step, at most (a longer prompt goes alone): joining
-# prompts share one matrix product, and the running rows wait at most that long for a token.
+# Prompt tokens prefilled together in one step, at most (a longer prompt goes alone, unsplit):
+# joining prompts share one pass with the running rows, who wait for that many tokens' products.
 PREFILL_CHUNK_TOKENS = 512
 
 
@@ -188,10 +188,10 @@ class ContinuousBatcher(Generic[T]):
                 self._slab.reserve(len(rows), self._slab.length + 1)
                 decode = Decode(last, positions, mask)
             passed = self._step.run(decode, prompts)
-        except Exception:
+        except Exception:  # each part alone: the rows' step, then the prompts (each alone)
             log.exception("a pass of %d rows and %d prompts failed", len(rows), len(joining))
-            finished = self._admit(joining) if joining else []
-            return finished + (self._decode() if self.running else [])
+            finished = self._decode() if self.running else []
+            return finished + (self._admit(joining) if joining else [])
         finished = []
         if rows:
             assert passed.rows is not None
@@ -201,9 +201,7 @@ class ContinuousBatcher(Generic[T]):
         if joining:
             assert passed.prompts is not None
             results = self._prefill.first_tokens(passed.prompts, passed.layers, joining)
-            if len(joining) > 1 and any(isinstance(result, Exception) for result in results):
-                results = [one for row in joining for one in self._prefill.isolated([row])]
-            finished += self._admit(joining, results)
+            finished += self._admit(joining, self._prefill.again_alone(joining, results))
         return finished
 
     # -- decoding --------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ products take about 36, measured). This does the same arithmetic in the same ord
 rotary embedding, grouped-query attention through SDPA, SiLU MLP) with about 15 torch calls a
 layer and nothing else: vLLM and llama.cpp also write their model code.
 
-A pass can carry both kinds of tokens (chunked prefill, as vLLM and SARATHI schedule it): the
-running rows' last tokens and the joining prompts' tokens, packed end to end, go through every
-matrix product together, so the weights are read once for both; only attention is apart (the
-rows against the slab, each prompt causally against itself and the cached prefix). A prompt
-that joins no longer pauses the running rows for a pass of its own: on an AMD EPYC (Zen 5) in
-bfloat16, the step in which a 37-token chat prompt joins 7 running rows took 37 ms (its prefill
-pass, then the rows' step) and now takes one pass of 22 (a step without a join: 12-13 ms).
+A pass can carry both kinds of tokens (as vLLM's chunked prefill schedules them, though a
+prompt is not split here): the running rows' last tokens and the joining prompts' tokens,
+packed end to end, go through every matrix product together, so the weights are read once for
+both; only attention is apart (the rows against the slab, each prompt causally against itself
+and the cached prefix). A prompt that joins no longer pauses the running rows for a pass of its
+own: on an AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt joins 7
+running rows took 37 ms (its prefill pass, then the rows' step) and now takes one pass of 22 (a
+step without a join: 12-13 ms).
 
 On a CPU the products run on weights prepacked by oneDNN (`packing.py`).
 

@@ -44,8 +44,19 @@ class Prefill:
                 return separately()
             log.exception("prefill failed for request %s", rows[0].request.id)
             return [exc]
-        failed = any(isinstance(result, Exception) for result in results)
-        return separately() if failed and len(rows) > 1 else results
+        return self.again_alone(rows, results)
+
+    def again_alone(
+        self, rows: Sequence[Any], results: list[Prefilled | Exception]
+    ) -> list[Prefilled | Exception]:
+        """`results` of a pass that packed several prompts, with each failed one prefilled
+        again alone: a NaN of one prompt's reaches the others through attention's 0 x NaN, as
+        NaN, so a prompt whose logits are finite was not reached, and its first token (drawn
+        from its generator, if it samples) stands."""
+        if len(rows) < 2:
+            return results
+        pairs = zip(rows, results, strict=True)
+        return [self.isolated([row])[0] if isinstance(x, Exception) else x for row, x in pairs]
 
     def _together(self, rows: Sequence[Any]) -> list[Prefilled | Exception]:
         prompts = [row.request.token_ids for row in rows]

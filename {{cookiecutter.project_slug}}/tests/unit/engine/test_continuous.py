@@ -254,6 +254,18 @@ def test_a_prompt_that_breaks_the_pass_it_joins_fails_alone(backend):
     assert [results[r.id] for r in good] == [backend.generate([r])[0] for r in good]
 
 
+def test_after_a_packed_prefill_only_the_prompts_that_failed_run_again_alone(backend):
+    """A prompt whose logits are finite was not reached by a batchmate's NaN: its first token
+    (drawn from its generator, if it samples) stands, and a seeded one stays its own."""
+    from {{ cookiecutter.package_name }}.engine.prefill import Prefill
+
+    prefill, again = Prefill(backend.model, None), []
+    prefill.isolated = lambda rows: again.extend(rows) or ["alone"]
+    results = [("kv", 5), FloatingPointError("NaN"), ("kv", 7)]
+    assert prefill.again_alone(["a", "b", "c"], results) == [("kv", 5), "alone", ("kv", 7)]
+    assert again == ["b"]
+
+
 def test_waiting_requests_can_be_taken_back(backend):
     batcher = backend.continuous(max_batch_size=2, max_batch_tokens=10_000)
     for i in range(5):
