@@ -69,5 +69,7 @@ def unpack(model: Any) -> None:
 
 
 def packed_product(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` on the weight oneDNN packed (`torch.ops.mkldnn._reorder_linear_weight`)."""
+    """`x @ weight.T` on the weight oneDNN packed (`torch.ops.mkldnn._reorder_linear_weight`).
+    Call it under `torch.inference_mode` (or `no_grad`), as `LlamaStep.run` does: with autograd
+    on, the bfloat16 output layer's product for one row took 400 ms instead of 1 (Zen 5)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
