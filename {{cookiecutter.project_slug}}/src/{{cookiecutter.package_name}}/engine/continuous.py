@@ -155,7 +155,14 @@ class ContinuousBatcher(Generic[T]):
         if not prefilled:
             return failed
         first = len(self.running)
-        self._join([(row, layers) for row, layers, _ in prefilled])
+        try:
+            self._join([(row, layers) for row, layers, _ in prefilled])
+        except (RuntimeError, MemoryError) as exc:  # the slab could not grow (out of memory)
+            log.exception("%d requests could not join %d running", len(prefilled), first)
+            rows = self.running + [row for row, *_ in prefilled]
+            self.running, self._mask = [], None  # the slab may be half moved: start empty
+            self._slab.clear()
+            return failed + [(row.tag, exc) for row in rows]
         return failed + self._advance([token for *_, token in prefilled], first)
 
     def _join(self, joining: list[tuple[_Row[T], Layers]]) -> None:

@@ -266,6 +266,30 @@ def test_after_a_packed_prefill_only_the_prompts_that_failed_run_again_alone(bac
     assert again == ["b"]
 
 
+def test_a_join_the_cache_cannot_hold_fails_the_batch_and_the_next_requests_are_served(
+    backend, monkeypatch
+):
+    """The slab could not grow (out of memory): the requests in the batch get the error, not
+    the thread that generates, and the batch starts again empty for the next ones."""
+    batcher = backend.continuous(4, 10_000)
+    append = batcher._slab.append
+    calls = []
+
+    def short_of_memory(prompts):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise MemoryError("the slab could not grow")
+        append(prompts)
+
+    monkeypatch.setattr(batcher._slab, "append", short_of_memory)
+    first, second = [request(i, 5, max_new_tokens=10) for i in range(2)]
+    later = request(2, 6, max_new_tokens=10)
+    results = run_all(batcher, {0: [first], 2: [second], 4: [later]})
+    assert isinstance(results["r0"], MemoryError) and isinstance(results["r1"], MemoryError)
+    assert results["r2"] == backend.generate([later])[0]
+    assert len(batcher) == 0
+
+
 def test_waiting_requests_can_be_taken_back(backend):
     batcher = backend.continuous(max_batch_size=2, max_batch_tokens=10_000)
     for i in range(5):
