@@ -188,12 +188,9 @@ class ContinuousBatcher(Generic[T]):
         prompts = Prompts([r.request.token_ids for r in joining], self._prefix) if joining else None
         try:
             if rows:
-                assert self._mask is not None
-                mask = F.pad(self._mask, (0, 1), value=1)
-                last = torch.tensor([r.ids[-1] for r in rows], device=self.device)
-                positions = torch.tensor([[r.length - 1] for r in rows], device=self.device)
+                last, positions, mask = self._decode_inputs()
                 self._slab.reserve(len(rows), self._slab.length + 1)
-                decode = Decode(last, positions, mask)
+                decode = Decode(last[:, 0], positions, mask)
             passed = self._step.run(decode, prompts)
         except Exception:  # each part alone: the rows' step, then the prompts (each alone)
             log.exception("a pass of %d rows and %d prompts failed", len(rows), len(joining))
@@ -213,13 +210,19 @@ class ContinuousBatcher(Generic[T]):
 
     # -- decoding --------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def _decode(self) -> list[tuple[T, Completion | Exception]]:
+    def _decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running rows' last tokens and their positions (`[rows, 1]` each), and their mask
+        with a column for those tokens."""
         assert self._mask is not None
         rows = self.running
         last = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.length - 1] for r in rows], device=self.device)
-        self._mask = F.pad(self._mask, (0, 1), value=1)
+        return last, positions, F.pad(self._mask, (0, 1), value=1)
+
+    @torch.inference_mode()
+    def _decode(self) -> list[tuple[T, Completion | Exception]]:
+        rows = self.running
+        last, positions, self._mask = self._decode_inputs()
         try:
             self._slab.reserve(len(rows), self._slab.length + 1)
             if self._step is not None:
