@@ -142,14 +142,14 @@ class LlamaStep:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
-    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The queries, keys and values of `h` (`[tokens, hidden]`), each `[tokens, heads x
-        head dim]`."""
+    def _qkv(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys of `h` (`[tokens, hidden]`) side by side, `[tokens, (heads + kv
+        heads) x head dim]`, for one rotary embedding of both; and its values."""
         _, wq, wk, wv, *_ = self.layers[index]
         if not self.packed:
-            return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
-        width = self.kv_heads * self.head_dim
-        return packed_product(self.packed[4 * index], h).split([wq.shape[0], width, width], -1)
+            return torch.cat([F.linear(h, wq), F.linear(h, wk)], -1), F.linear(h, wv)
+        qkv = packed_product(self.packed[4 * index], h)
+        return qkv.split([wq.shape[0] + wk.shape[0], wv.shape[0]], -1)
 
     def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
         *_, gate, up, down = self.layers[index]
@@ -197,14 +197,14 @@ class LlamaStep:
         layers: list[Layers] = [[] for _ in (prompts.ids if prompts else [])]
         for index, (norm_in, *_, norm_post, _, _, _) in enumerate(self.layers):
             h = self._rms(x, norm_in)
-            q, k, v = self._qkv(index, h)
+            qk, v = self._qkv(index, h)
             parts = []
             if decoding is not None:
-                parts.append(self._attend_rows(index, decoding, q[:rows], k[:rows], v[:rows]))
+                parts.append(self._attend_rows(index, decoding, qk[:rows], v[:rows]))
             if prefilling is not None:
                 assert prompts is not None
                 attended, owned = self._attend_prompts(
-                    index, prompts, prefilling, q[rows:], k[rows:], v[rows:]
+                    index, prompts, prefilling, qk[rows:], v[rows:]
                 )
                 parts.append(attended)
                 for mine, own in zip(layers, owned, strict=True):
@@ -222,18 +222,17 @@ class LlamaStep:
     def _decoding(self, x: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, ...]:
         """cos, sin and the attention mask of the running rows, for every layer."""
         cos, sin = self.rotary(x, decode.positions.to(x.device))  # [rows, 1, head dim]
-        return cos[:, None], sin[:, None], decode.mask.bool()[:, None, None, :]
+        return cos[:, None], sin[:, None], _additive(decode.mask.bool()[:, None, None, :], x)
 
     def _attend_rows(
-        self, index: int, decoding: tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+        self, index: int, decoding: tuple[torch.Tensor, ...], qk: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """The rows' attention: one query a row against the slab, the query heads of each
         key/value head packed as one head's queries."""
         cos, sin, attend = decoding
-        rows, groups = q.shape[0], self.heads // self.kv_heads
-        q = _rotate(q.reshape(rows, self.heads, 1, self.head_dim), cos, sin)
-        k = _rotate(k.reshape(rows, self.kv_heads, 1, self.head_dim), cos, sin)
+        rows, groups = qk.shape[0], self.heads // self.kv_heads
+        qk = _rotate(qk.view(rows, -1, 1, self.head_dim), cos, sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
         keys, values = self.slab.write(index, k, v.reshape(rows, self.kv_heads, 1, self.head_dim))
         attended = F.scaled_dot_product_attention(
             q.reshape(rows, self.kv_heads, groups, self.head_dim),  # query heads per kv head
@@ -254,18 +253,18 @@ class LlamaStep:
         at = torch.arange(len(positions))
         mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
         mask = torch.cat([torch.ones(len(at), start, dtype=torch.bool), mask], dim=1)
-        return cos[:, None], sin[:, None], mask[None, None].to(x.device)
+        return cos[:, None], sin[:, None], _additive(mask[None, None].to(x.device), x)
 
     def _attend_prompts(
         self, index: int, prompts: Prompts, prefilling: tuple[torch.Tensor, ...],
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        qk: torch.Tensor, v: torch.Tensor,
     ) -> tuple[torch.Tensor, Layers]:  # fmt: skip
         """The prompts' attention, and each prompt's keys and values (`[1, kv heads, prefix +
         its tokens, head dim]`) for the slab."""
         cos, sin, mask = prefilling
-        tokens = q.shape[0]
-        q = _rotate(q.view(1, tokens, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        tokens = qk.shape[0]
+        qk = _rotate(qk.view(1, tokens, -1, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = v.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         if prompts.start:
             assert prompts.prefix is not None
@@ -282,6 +281,14 @@ class LlamaStep:
                  torch.cat([v[:, :, :start], v[:, :, own]], dim=2))
             )  # fmt: skip
         return attended.transpose(1, 2).reshape(tokens, -1), owned
+
+
+def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as the additive one SDPA makes of it at every call (0 where
+    True, -inf where False), made once a pass for all the layers."""
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+        ~mask, float("-inf")
+    )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
