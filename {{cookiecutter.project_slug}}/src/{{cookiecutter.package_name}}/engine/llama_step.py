@@ -80,6 +80,7 @@ class LlamaStep:
         self.slab = slab
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads or self.heads)
+        self.qk_heads = self.heads + self.kv_heads  # queries and keys, rotated together
         self.head_dim = int(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
@@ -231,7 +232,7 @@ class LlamaStep:
         key/value head packed as one head's queries."""
         cos, sin, attend = decoding
         rows, groups = qk.shape[0], self.heads // self.kv_heads
-        qk = _rotate(qk.view(rows, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
+        qk = _rotate(qk.view(rows, self.qk_heads, 1, self.head_dim), cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         keys, values = self.slab.write(index, k, v.reshape(rows, self.kv_heads, 1, self.head_dim))
         attended = F.scaled_dot_product_attention(
@@ -263,8 +264,7 @@ class LlamaStep:
         its tokens, head dim]`) for the slab."""
         cos, sin, mask = prefilling
         tokens = qk.shape[0]
-        both = self.heads + self.kv_heads
-        qk = _rotate(qk.view(1, tokens, both, self.head_dim).transpose(1, 2), cos, sin)
+        qk = _rotate(qk.view(1, tokens, self.qk_heads, self.head_dim).transpose(1, 2), cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = v.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         if prompts.start:
