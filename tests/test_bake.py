@@ -99,6 +99,8 @@ BASE_FILES = {
     "src/{pkg}/engine/kv_cache.py",
     "src/{pkg}/engine/llama_step.py",
     "src/{pkg}/engine/packing.py",
+    "src/{pkg}/engine/decode_attention.py",
+    "src/{pkg}/engine/decode_attention.c",
     "src/{pkg}/engine/prefill.py",
     "src/{pkg}/engine/sampling.py",
     "src/{pkg}/engine/cores.py",

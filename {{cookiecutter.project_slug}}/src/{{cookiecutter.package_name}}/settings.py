@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # laid out for this many rows (a CPU, float32 or bfloat16, a Llama model): a second copy of
     # the weights, a step up to 1.8x as fast. 0 = off.
     packed_decode_rows: int = Field(default=8, ge=0)
+    # In bfloat16 on a CPU with AVX-512, continuous batching's decode attention runs a kernel
+    # compiled at start with the machine's C compiler (engine/decode_attention.c): 3.5-4x
+    # SDPA's speed at 8-32 rows. Without a compiler it is SDPA's. False = SDPA's always.
+    decode_attention_kernel: bool = True
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -59,7 +59,12 @@ class ContinuousBatcher(Generic[T]):
     step_decodes = True
 
     def __init__(
-        self, backend: Any, max_batch_size: int, max_batch_tokens: int, packed_rows: int = 0
+        self,
+        backend: Any,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        packed_rows: int = 0,
+        attention_kernel: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
@@ -73,7 +78,8 @@ class ContinuousBatcher(Generic[T]):
         self._slab = Slab(self.model.config, self.model.dtype, self.device, max_batch_size)
         self._step = None
         if LlamaStep.supports(self.model):
-            self._step = LlamaStep(self.model, self._slab, min(packed_rows, max_batch_size))
+            rows = min(packed_rows, max_batch_size)
+            self._step = LlamaStep(self.model, self._slab, rows, attention_kernel)
         self._prefill = Prefill(self.model, self._step)
         self._prefix = self._prefill.prefix
         self._mask: torch.Tensor | None = None  # [rows, slab length]: 0 where padding

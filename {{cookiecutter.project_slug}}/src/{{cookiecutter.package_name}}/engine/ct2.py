@@ -103,9 +103,11 @@ class CTranslate2Backend:
         max_batch_tokens: int,
         packed_rows: int = 0,
         max_wait_s: float = 0.0,
+        attention_kernel: bool = True,
     ) -> Scheduler[Any]:
         """Overlapping batches on this engine's INTER_THREADS lanes (engine/waves.py): the
-        closest CTranslate2 allows to continuous batching. `packed_rows` is unused here."""
+        closest CTranslate2 allows to continuous batching. `packed_rows` and
+        `attention_kernel` are unused here."""
         return WaveScheduler(self, self.lanes, max_batch_size, max_batch_tokens, max_wait_s)
 
     def generate(

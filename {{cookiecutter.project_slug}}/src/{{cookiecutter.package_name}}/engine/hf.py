@@ -87,6 +87,7 @@ class TransformersBackend:
         max_batch_tokens: int,
         packed_rows: int = 0,
         max_wait_s: float = 0.0,
+        attention_kernel: bool = True,
     ) -> "ContinuousBatcher | None":
         """A scheduler whose requests join and leave the batch between decode steps; None for
         a model whose KV cache the batcher's slab cannot hold (sliding-window or linear
@@ -98,7 +99,9 @@ class TransformersBackend:
         if not supports_slab(self.model.config):
             log.warning("this model has layers continuous batching cannot hold: static batches")
             return None
-        return ContinuousBatcher(self, max_batch_size, max_batch_tokens, packed_rows)
+        return ContinuousBatcher(
+            self, max_batch_size, max_batch_tokens, packed_rows, attention_kernel
+        )
 
     @torch.inference_mode()
     def _generate_group(

@@ -7,19 +7,18 @@ products take about 36, measured). This does the same arithmetic in the same ord
 rotary embedding, grouped-query attention through SDPA, SiLU MLP) with about 15 torch calls a
 layer and nothing else: vLLM and llama.cpp also write their model code.
 
-A pass can carry both kinds of tokens (as vLLM's chunked prefill schedules them, though a
-prompt is not split here): the running rows' last tokens and the joining prompts' tokens,
-packed end to end, go through every matrix product together, so the weights are read once for
-both; only attention is apart (the rows against the slab, each prompt causally against itself
-and the cached prefix). A prompt that joins no longer pauses the running rows for a pass of its
-own: on an AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt joins 7
-running rows took 37 ms (its prefill pass, then the rows' step) and now takes one pass of 22 (a
-step without a join: 12-13 ms).
+A pass carries both kinds of tokens (as vLLM's chunked prefill schedules them, though a prompt
+is not split here): the running rows' last tokens and the joining prompts' tokens, packed end
+to end, go through every matrix product together, so the weights are read once for both; only
+attention is apart (the rows against the slab, each prompt causally against itself and the
+cached prefix). A joining prompt no longer pauses the running rows for a pass of its own: on an
+AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt joins 7 running rows
+took 37 ms (its prefill pass, then the rows' step) and now takes one pass of 22 (12-13 without).
 
-On a CPU the products run on weights prepacked by oneDNN (`packing.py`).
-
-Only plain Llama (SmolLM2, TinyLlama, Llama 2 and 3) qualifies (`LlamaStep.supports`); any other
-model runs through its transformers modules, on the same KV cache.
+On a CPU the products run on weights prepacked by oneDNN (`packing.py`), and in bfloat16 the
+rows' attention on our kernel (`decode_attention.py`). Only plain Llama (SmolLM2, TinyLlama,
+Llama 2 and 3) qualifies (`LlamaStep.supports`); any other model runs through its transformers
+modules, on the same KV cache.
 """
 
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .decode_attention import kernel_for
 from .kv_cache import Layers, PrefixCache, Slab
 from .packing import can_pack, pack_llama, packed_product, unpack
 
@@ -75,7 +75,7 @@ class Passed:
 
 
 class LlamaStep:
-    def __init__(self, model: Any, slab: Slab, packed_rows: int = 0) -> None:
+    def __init__(self, model: Any, slab: Slab, packed_rows: int = 0, kernel: bool = True) -> None:
         config, inner = model.config, model.model
         self.slab = slab
         self.heads = int(config.num_attention_heads)
@@ -104,6 +104,8 @@ class LlamaStep:
             for layer in inner.layers
         ]
         self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
+        shape = (self.heads, self.kv_heads, self.head_dim)
+        self.kernel = kernel_for(model.device, model.dtype, *shape) if kernel else None
         self.model = model
         # Per layer: the query-key-value product, the output one, the gate-up one, the down one;
         # then the output layer. Empty until packed.
@@ -223,7 +225,10 @@ class LlamaStep:
     def _decoding(self, x: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, ...]:
         """cos, sin and the attention mask of the running rows, for every layer."""
         cos, sin = self.rotary(x, decode.positions.to(x.device))  # [rows, 1, head dim]
-        return cos[:, None], sin[:, None], _additive(decode.mask.bool()[:, None, None, :], x)
+        mask = decode.mask.to(x.device).bool()  # the kernel's: float32, `[rows, columns]`
+        sdpa = self.kernel is None
+        attend = _additive(mask[:, None, None], x.dtype) if sdpa else _additive(mask, torch.float32)
+        return cos[:, None], sin[:, None], attend
 
     def _attend_rows(
         self, index: int, decoding: tuple[torch.Tensor, ...], qk: torch.Tensor, v: torch.Tensor
@@ -235,14 +240,11 @@ class LlamaStep:
         qk = _rotate(qk.view(rows, self.qk_heads, 1, self.head_dim), cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         keys, values = self.slab.write(index, k, v.reshape(rows, self.kv_heads, 1, self.head_dim))
-        attended = F.scaled_dot_product_attention(
-            q.reshape(rows, self.kv_heads, groups, self.head_dim),  # query heads per kv head
-            keys,
-            values,
-            attn_mask=attend,
-            scale=self.head_dim**-0.5,
-        )
-        return attended.reshape(rows, -1)
+        q = q.reshape(rows, self.kv_heads, groups, self.head_dim)  # query heads per kv head
+        scale = self.head_dim**-0.5
+        if self.kernel is not None:
+            return self.kernel.attend(q, keys, values, attend, scale)
+        return F.scaled_dot_product_attention(q, keys, values, attend, scale=scale).flatten(1)
 
     def _prefilling(self, x: torch.Tensor, prompts: Prompts) -> tuple[torch.Tensor, ...]:
         """cos, sin and the attention mask of the prompts' tokens: each attends to the cached
@@ -254,7 +256,7 @@ class LlamaStep:
         at = torch.arange(len(positions))
         mask = (prompt[:, None] == prompt[None, :]) & (at[:, None] >= at[None, :])
         mask = torch.cat([torch.ones(len(at), start, dtype=torch.bool), mask], dim=1)
-        return cos[:, None], sin[:, None], _additive(mask[None, None].to(x.device), x)
+        return cos[:, None], sin[:, None], _additive(mask[None, None].to(x.device), x.dtype)
 
     def _attend_prompts(
         self, index: int, prompts: Prompts, prefilling: tuple[torch.Tensor, ...],
@@ -284,10 +286,10 @@ class LlamaStep:
         return attended.transpose(1, 2).reshape(tokens, -1), owned
 
 
-def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the additive one SDPA makes of it at every call (0 where
     True, -inf where False), made once a pass for all the layers."""
-    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~mask, float("-inf")
     )
 

@@ -104,6 +104,7 @@ class InferenceService:
             settings.max_batch_size,
             settings.max_batch_tokens,
             packed_rows=settings.packed_decode_rows,
+            attention_kernel=settings.decode_attention_kernel,
             max_wait_s=settings.max_wait_ms / 1000.0,
         )
         return scheduler

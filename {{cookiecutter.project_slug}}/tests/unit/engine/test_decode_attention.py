@@ -1,0 +1,137 @@
+"""The bfloat16 decode attention kernel against SDPA: the same attention, built here with the
+machine's compiler, and SDPA's wherever it cannot be built."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from {{ cookiecutter.package_name }}.engine import decode_attention
+from {{ cookiecutter.package_name }}.engine.decode_attention import kernel_for
+from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
+
+from .test_continuous import VOCAB, backend, request, run_all  # noqa: F401 - a fixture
+
+CPU = torch.device("cpu")
+
+
+def slab_views(rows: int, kv_heads: int, columns: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Keys and values as the batcher's slab hands them over: views into bigger buffers."""
+    keys, values = (torch.randn(rows + 3, kv_heads, columns + 40, dim) for _ in range(2))
+    view = (slice(1, rows + 1), slice(None), slice(7, 7 + columns))
+    return keys.bfloat16()[view], values.bfloat16()[view]
+
+
+def padded_mask(rows: int, columns: int) -> torch.Tensor:
+    """Left padding of a different width a row, each row keeping at least its last column."""
+    mask = torch.ones(rows, columns, dtype=torch.bool)
+    for row in range(rows):
+        mask[row, : (row * 5) % columns] = False
+    return mask
+
+
+@pytest.mark.bf16_cpu
+@pytest.mark.parametrize(("groups", "dim"), [(3, 64), (1, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (5, 17), (9, 263)])
+def test_the_kernel_attends_as_sdpa_does(groups: int, dim: int, rows: int, columns: int) -> None:
+    torch.manual_seed(rows * columns + groups)
+    kv_heads = 3
+    kernel = kernel_for(CPU, torch.bfloat16, kv_heads * groups, kv_heads, dim)
+    assert kernel is not None, "a CPU with bfloat16 instructions has AVX-512 and, here, cc"
+    keys, values = slab_views(rows, kv_heads, columns, dim)
+    q = torch.randn(rows, kv_heads * groups + kv_heads, dim).bfloat16()[:, : kv_heads * groups]
+    q = q.reshape(rows, kv_heads, groups, dim)  # queries and keys side by side, as in a step
+    mask = padded_mask(rows, columns)
+    additive = torch.zeros(rows, columns).masked_fill_(~mask, float("-inf"))
+    with torch.inference_mode():
+        ours = kernel.attend(q, keys, values, additive, dim**-0.5).float()
+        exact = F.scaled_dot_product_attention(
+            q.float(), keys.float(), values.float(), additive[:, None, None], scale=dim**-0.5
+        ).flatten(1)
+        sdpa = F.scaled_dot_product_attention(
+            q, keys, values, additive.bfloat16()[:, None, None], scale=dim**-0.5
+        ).flatten(1)
+    # float32 inside, one rounding to bfloat16 at the end: as close to exact as SDPA's own
+    assert (ours - exact).abs().max() <= max((sdpa.float() - exact).abs().max(), 2**-8)
+    assert torch.equal(ours.isfinite(), exact.isfinite())
+
+
+@pytest.mark.bf16_cpu
+def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it() -> None:
+    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert kernel is not None
+    keys, values = slab_views(4, 3, 20, 64)
+    keys[2, 1, 5, 0] = float("nan")
+    q = torch.randn(4, 3, 3, 64).bfloat16()
+    out = kernel.attend(q, keys, values, torch.zeros(4, 20), 0.125).view(4, 3, 3, 64)
+    assert out[2, 1].isnan().all()
+    assert out[[0, 1, 3]].isfinite().all() and out[2, [0, 2]].isfinite().all()
+
+
+@pytest.mark.bf16_cpu
+def test_a_view_it_cannot_read_is_refused_in_one_line() -> None:
+    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert kernel is not None
+    keys, values = slab_views(2, 3, 10, 64)
+    q = torch.randn(2, 3, 3, 64).bfloat16()
+    with pytest.raises(ValueError, match="unexpected shapes or strides"):
+        kernel.attend(q, keys.transpose(2, 3), values, torch.zeros(2, 10), 0.125)
+
+
+def test_float32_other_devices_and_shapes_without_code_stay_on_sdpa(caplog) -> None:
+    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
+    assert kernel_for(CPU, torch.float32, 9, 3, 64) is None
+    assert kernel_for(torch.device("cuda"), torch.bfloat16, 9, 3, 64) is None
+    assert kernel_for(CPU, torch.bfloat16, 4, 2, 32) is None  # head dim 32
+    assert kernel_for(CPU, torch.bfloat16, 32, 2, 64) is None  # 16 query heads a kv head
+    assert "no code for 2 query heads a key/value head of dim 32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("compiler", "reason"),
+    [
+        (None, "no C compiler (cc) on this machine"),
+        ("/bin/false", "the kernel did not build"),
+    ],
+)
+def test_without_a_working_compiler_it_is_sdpa_and_the_log_says_why(
+    monkeypatch, caplog, compiler: str | None, reason: str
+) -> None:
+    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
+    monkeypatch.setattr(shutil, "which", lambda name: compiler)
+    decode_attention._build.cache_clear()
+    try:
+        assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
+    finally:
+        decode_attention._build.cache_clear()  # the next test builds the real one
+    assert f"decode attention through SDPA: {reason}" in caplog.text
+
+
+@pytest.mark.bf16_cpu
+def test_a_bfloat16_batcher_decodes_on_the_kernel_with_sdpas_texts(backend, tmp_path):  # noqa: F811
+    """A Llama of head dim 64 (3 query heads on 1 key/value head) in bfloat16: the batcher's
+    decode attention runs on the kernel, and the texts are SDPA's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
+        eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharp logits and attention, as the tiny model of test_continuous
+        model.lm_head.weight.mul_(40.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    model.save_pretrained(tmp_path)
+    backend.tokenizer.save_pretrained(tmp_path)
+    bf16 = TransformersBackend(tmp_path, device="cpu", dtype="bfloat16", num_threads=2)
+    requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
+    batchers = [bf16.continuous(4, 10_000, packed_rows=8, attention_kernel=on) for on in (1, 0)]
+    assert batchers[0]._step.kernel is not None and batchers[1]._step.kernel is None
+    texts = [run_all(b, {0: requests[:5], 2: requests[5:]}) for b in batchers]
+    assert texts[0] == texts[1]
