@@ -222,6 +222,14 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpuinfo.split()))
 
 
+def cpu_has_avx512() -> bool:
+    """This machine's CPU has AVX-512 (the rendered decode attention kernel's condition)."""
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def assert_all_ran(output: str) -> None:
     """A rendered test run: passed, nothing failed or skipped, and the tests that need absent
     hardware deselected with their reason printed (exactly when the hardware is absent)."""
@@ -229,6 +237,8 @@ def assert_all_ran(output: str) -> None:
     assert "skipped" not in output, output[-3000:]
     said = "bf16_cpu tests: this CPU has no bfloat16 instructions" in output
     assert said is not cpu_has_bf16(), output[-3000:]
+    said = "avx512_cpu tests: this CPU has no AVX-512" in output
+    assert said is not cpu_has_avx512(), output[-3000:]
 
 
 # The two runs of a rendered project's whole suite (the default bake installed by its README's

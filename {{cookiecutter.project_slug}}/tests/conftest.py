@@ -21,28 +21,35 @@ os.environ[f"{ENV_PREFIX}TRACKING_DIR"] = tempfile.mkdtemp(prefix="mlruns-test-"
 os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
 NO_BF16 = "this CPU has no bfloat16 instructions: `auto` is float32 here, with no gate"
-DESELECTED = pytest.StashKey[int]()
+NO_AVX512 = "this CPU has no AVX-512: decode attention in bfloat16 is SDPA's here"
+DESELECTED = pytest.StashKey[dict[str, int]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the bf16_cpu tests on a CPU without the instructions, and say so.
+    """Deselect the bf16_cpu (avx512_cpu) tests on a CPU without bfloat16 instructions
+    (AVX-512), and say so.
 
     Deselected, not skipped: the hardware is absent, not something the test needs installed,
     and under CI=true a skip means a missing service (see `broker`).
     """
-    from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_has_bf16
+    from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_flags, cpu_has_bf16
 
-    absent = [item for item in items if item.get_closest_marker("bf16_cpu")]
-    if not absent or cpu_has_bf16():
-        return
-    config.hook.pytest_deselected(items=absent)
-    items[:] = [item for item in items if not item.get_closest_marker("bf16_cpu")]
-    config.stash[DESELECTED] = len(absent)
+    flags = cpu_flags()
+    present = {"bf16_cpu": cpu_has_bf16(flags), "avx512_cpu": "avx512f" in flags}
+    counts: dict[str, int] = {}
+    for marker, here in present.items():
+        absent = [item for item in items if item.get_closest_marker(marker)]
+        if absent and not here:
+            config.hook.pytest_deselected(items=absent)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
+            counts[marker] = len(absent)
+    config.stash[DESELECTED] = counts
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    if count := config.stash.get(DESELECTED, 0):
-        terminalreporter.write_line(f"deselected {count} bf16_cpu tests: {NO_BF16}")
+    reasons = {"bf16_cpu": NO_BF16, "avx512_cpu": NO_AVX512}
+    for marker, count in config.stash.get(DESELECTED, {}).items():
+        terminalreporter.write_line(f"deselected {count} {marker} tests: {reasons[marker]}")
 
 
 @pytest.fixture(scope="session")

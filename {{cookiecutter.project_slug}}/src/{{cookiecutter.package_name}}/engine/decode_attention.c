@@ -72,7 +72,14 @@ static void attend(
             __mmask16 in = length - j >= 16 ? 0xffff : (__mmask16)((1u << (length - j)) - 1);
             top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, in, sg + j));
         }
-        __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        float highest = _mm512_reduce_max_ps(top);
+        if (highest == -INFINITY) { /* every column masked: zeros, as SDPA gives */
+            for (int j = 0; j < length; j++) sg[j] = 0.0f;
+            total[g] = 0.0f;
+            for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
+            continue;
+        }
+        __m512 most = _mm512_set1_ps(highest);
         for (int j = 0; j < length; j += 16) {
             __mmask16 in = length - j >= 16 ? 0xffff : (__mmask16)((1u << (length - j)) - 1);
             __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, sg + j), most));
@@ -91,10 +98,11 @@ static void attend(
                 acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * length + j]), vc, acc[g][c]);
         }
     }
-    for (int g = 0; g < groups; g++)
+    for (int g = 0; g < groups; g++) {
+        __m512 inverse = _mm512_set1_ps(total[g] > 0.0f ? 1.0f / total[g] : 0.0f);
         for (int c = 0; c < chunks; c++)
-            store_bf16(o + g * dim + 16 * c,
-                       _mm512_mul_ps(acc[g][c], _mm512_set1_ps(1.0f / total[g])));
+            store_bf16(o + g * dim + 16 * c, _mm512_mul_ps(acc[g][c], inverse));
+    }
 }
 
 /* out[r, (h * GROUPS + g) * dim + d] for every row r, key/value head h and query g of its

@@ -73,6 +73,9 @@ class DecodeAttention:
         columns = keys.shape[2]
         if not (
             groups == self.groups
+            and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+            and q.device.type == keys.device.type == values.device.type == mask.device.type == "cpu"
+            and keys.shape == values.shape == (rows, kv_heads, columns, dim)
             and q.stride()[1:] == (groups * dim, dim, 1)
             and keys.stride() == values.stride()
             and keys.stride()[2:] == (dim, 1)

@@ -32,12 +32,15 @@ def padded_mask(rows: int, columns: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.bf16_cpu
-@pytest.mark.parametrize(("groups", "dim"), [(3, 64), (1, 64), (4, 128), (8, 64)])
+@pytest.mark.avx512_cpu
+@pytest.mark.parametrize(
+    ("kv_heads", "groups", "dim"), [(3, 3, 64), (1, 3, 64), (3, 1, 64), (2, 4, 128), (3, 8, 64)]
+)
 @pytest.mark.parametrize(("rows", "columns"), [(1, 1), (5, 17), (9, 263)])
-def test_the_kernel_attends_as_sdpa_does(groups: int, dim: int, rows: int, columns: int) -> None:
+def test_the_kernel_attends_as_sdpa_does(
+    kv_heads: int, groups: int, dim: int, rows: int, columns: int
+) -> None:
     torch.manual_seed(rows * columns + groups)
-    kv_heads = 3
     kernel = kernel_for(CPU, torch.bfloat16, kv_heads * groups, kv_heads, dim)
     assert kernel is not None, "a CPU with bfloat16 instructions has AVX-512 and, here, cc"
     keys, values = slab_views(rows, kv_heads, columns, dim)
@@ -58,7 +61,7 @@ def test_the_kernel_attends_as_sdpa_does(groups: int, dim: int, rows: int, colum
     assert torch.equal(ours.isfinite(), exact.isfinite())
 
 
-@pytest.mark.bf16_cpu
+@pytest.mark.avx512_cpu
 def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it() -> None:
     kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
     assert kernel is not None
@@ -70,14 +73,65 @@ def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it() -> None:
     assert out[[0, 1, 3]].isfinite().all() and out[2, [0, 2]].isfinite().all()
 
 
-@pytest.mark.bf16_cpu
-def test_a_view_it_cannot_read_is_refused_in_one_line() -> None:
+@pytest.mark.avx512_cpu
+def test_a_nan_in_a_rows_values_makes_that_row_nan_as_in_sdpa() -> None:
+    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert kernel is not None
+    keys, values = slab_views(2, 3, 12, 64)
+    values[1, 0, 3, 7] = float("nan")
+    q = torch.randn(2, 3, 3, 64).bfloat16()
+    out = kernel.attend(q, keys, values, torch.zeros(2, 12), 0.125).view(2, 3, 3, 64)
+    assert out[1, 0, :, 7].isnan().all() and out[0].isfinite().all() and out[1, 1:].isfinite().all()
+
+
+@pytest.mark.avx512_cpu
+def test_a_row_with_every_column_masked_attends_to_nothing_as_in_sdpa() -> None:
+    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert kernel is not None
+    keys, values = slab_views(2, 3, 12, 64)
+    mask = torch.zeros(2, 12)
+    mask[0] = float("-inf")
+    q = torch.randn(2, 3, 3, 64).bfloat16()
+    out = kernel.attend(q, keys, values, mask, 0.125)
+    sdpa = F.scaled_dot_product_attention(q, keys, values, mask.bfloat16()[:, None, None])
+    assert torch.equal(out[0], sdpa.flatten(1)[0]) and not out[0].any()
+    assert out[1].isfinite().all() and out[1].any()
+
+
+@pytest.mark.avx512_cpu
+def test_the_threads_share_the_rows_and_the_result_does_not_depend_on_them() -> None:
+    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert kernel is not None
+    keys, values = slab_views(7, 3, 40, 64)
+    q = torch.randn(7, 3, 3, 64).bfloat16()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outs.append(kernel.attend(q, keys, values, torch.zeros(7, 40), 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.avx512_cpu
+def test_tensors_it_cannot_read_are_refused_in_one_line() -> None:
     kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
     assert kernel is not None
     keys, values = slab_views(2, 3, 10, 64)
-    q = torch.randn(2, 3, 3, 64).bfloat16()
-    with pytest.raises(ValueError, match="unexpected shapes or strides"):
-        kernel.attend(q, keys.transpose(2, 3), values, torch.zeros(2, 10), 0.125)
+    q, mask = torch.randn(2, 3, 3, 64).bfloat16(), torch.zeros(2, 10)
+    wrong = [
+        (q, keys.transpose(2, 3), values, mask),  # a layout the kernel does not read
+        (q.float(), keys, values, mask),  # float32 queries
+        (q, keys.float(), values.float(), mask),  # float32 keys and values
+        (q, keys[:1], values[:1], mask),  # fewer rows of keys than queries
+        (q, keys, values, mask.bfloat16()),  # a bfloat16 mask
+        (q, keys, values, mask[:, :9]),  # a mask of other columns
+    ]
+    for args in wrong:
+        with pytest.raises(ValueError, match="unexpected shapes or strides"):
+            kernel.attend(*args, 0.125)
 
 
 def test_float32_other_devices_and_shapes_without_code_stay_on_sdpa(caplog) -> None:
@@ -109,7 +163,7 @@ def test_without_a_working_compiler_it_is_sdpa_and_the_log_says_why(
     assert f"decode attention through SDPA: {reason}" in caplog.text
 
 
-@pytest.mark.bf16_cpu
+@pytest.mark.avx512_cpu
 def test_a_bfloat16_batcher_decodes_on_the_kernel_with_sdpas_texts(backend, tmp_path):  # noqa: F811
     """A Llama of head dim 64 (3 query heads on 1 key/value head) in bfloat16: the batcher's
     decode attention runs on the kernel, and the texts are SDPA's."""
