@@ -46,6 +46,15 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
+/* The sums of four vectors' lanes, as one vector of four. */
+static inline __m128 sum4(const __m512 v[4]) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    return _mm_add_ps(_mm_add_ps(_mm512_extractf32x4_ps(x, 0), _mm512_extractf32x4_ps(x, 1)),
+                      _mm_add_ps(_mm512_extractf32x4_ps(x, 2), _mm512_extractf32x4_ps(x, 3)));
+}
+
 static void attend(
     const uint16_t *q, const uint16_t *k, const uint16_t *v, const float *m, uint16_t *o,
     float *s, int length, float scale) {
@@ -54,7 +63,21 @@ static void attend(
     for (int g = 0; g < groups; g++)
         for (int c = 0; c < chunks; c++)
             qf[g][c] = _mm512_mul_ps(load_bf16(q + g * dim + 16 * c), _mm512_set1_ps(scale));
-    for (int j = 0; j < length; j++) { /* the scores */
+    int j = 0;
+    for (; j + 4 <= length; j += 4) { /* the scores, four keys at a time */
+        __m512 dots[GROUPS][4];
+        for (int g = 0; g < groups; g++)
+            for (int i = 0; i < 4; i++) dots[g][i] = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++)
+            for (int i = 0; i < 4; i++) {
+                __m512 kc = load_bf16(k + (int64_t)(j + i) * dim + 16 * c);
+                for (int g = 0; g < groups; g++)
+                    dots[g][i] = _mm512_fmadd_ps(qf[g][c], kc, dots[g][i]);
+            }
+        for (int g = 0; g < groups; g++)
+            _mm_storeu_ps(s + g * length + j, _mm_add_ps(sum4(dots[g]), _mm_loadu_ps(m + j)));
+    }
+    for (; j < length; j++) { /* the last keys, one at a time */
         const uint16_t *kj = k + (int64_t)j * dim;
         __m512 dots[GROUPS];
         for (int g = 0; g < groups; g++) dots[g] = _mm512_setzero_ps();
