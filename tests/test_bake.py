@@ -140,6 +140,7 @@ BASE_FILES = {
     "tests/unit/engine/test_batching.py",
     "tests/unit/engine/test_continuous.py",
     "tests/unit/engine/test_kv_cache.py",
+    "tests/unit/engine/test_decode_attention.py",
     "tests/unit/engine/test_cores.py",
     "tests/unit/bench/__init__.py",
     "tests/unit/bench/test_reports.py",
