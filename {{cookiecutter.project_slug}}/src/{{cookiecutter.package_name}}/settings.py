@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     # the weights, a step up to 1.8x as fast. 0 = off.
     packed_decode_rows: int = Field(default=8, ge=0)
     # In bfloat16 on a CPU with AVX-512, continuous batching's decode attention runs a kernel
-    # compiled at start with the machine's C compiler (engine/decode_attention.c): 3.5-4x
-    # SDPA's speed at 8-32 rows. Without a compiler it is SDPA's. False = SDPA's always.
+    # compiled at start with the machine's C compiler (engine/decode_attention.c): about 4x
+    # SDPA's speed (3.8-4.5x at 8-32 rows). Without a compiler it is SDPA's. False = SDPA's always.
     decode_attention_kernel: bool = True
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.

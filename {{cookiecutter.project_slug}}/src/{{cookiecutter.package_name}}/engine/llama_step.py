@@ -4,8 +4,8 @@ running rows' next tokens and the joining prompts' prefill, in one pass.
 A decode step through transformers' modules spends about a fifth of its time in Python (module
 calls, mask and cache bookkeeping: 61 ms a step at 8 rows in float32, of which the matrix
 products take about 36, measured). This does the same arithmetic in the same order (RMSNorm,
-rotary embedding, grouped-query attention through SDPA, SiLU MLP) with about 15 torch calls a
-layer and nothing else: vLLM and llama.cpp also write their model code.
+rotary embedding, grouped-query attention through SDPA or our kernel, SiLU MLP) with about 15
+torch calls a layer and nothing else: vLLM and llama.cpp also write their model code.
 
 A pass carries both kinds of tokens (as vLLM's chunked prefill schedules them, though a prompt
 is not split here): the running rows' last tokens and the joining prompts' tokens, packed end

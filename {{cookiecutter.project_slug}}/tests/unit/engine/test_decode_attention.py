@@ -3,6 +3,7 @@ machine's compiler, and SDPA's wherever it cannot be built."""
 
 import logging
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -161,6 +162,19 @@ def test_without_a_working_compiler_it_is_sdpa_and_the_log_says_why(
     finally:
         decode_attention._build.cache_clear()  # the next test builds the real one
     assert f"decode attention through SDPA: {reason}" in caplog.text
+
+
+def test_a_temporary_folder_it_cannot_write_leaves_sdpa_and_the_log_says_why(
+    monkeypatch, caplog, tmp_path
+) -> None:
+    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
+    decode_attention._build.cache_clear()
+    try:
+        assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
+    finally:
+        decode_attention._build.cache_clear()
+    assert "decode attention through SDPA: the kernel did not build: [Errno 2]" in caplog.text
 
 
 @pytest.mark.avx512_cpu
