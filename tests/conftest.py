@@ -213,21 +213,22 @@ def package_of(project: Path) -> str:
     return package
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags, as /proc/cpuinfo lists them (none where it cannot be read)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16() -> bool:
     """This machine's CPU has bfloat16 instructions (the rendered `precision` module's oracle)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpuinfo.split()))
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
 
 
 def cpu_has_avx512() -> bool:
     """This machine's CPU has AVX-512 (the rendered decode attention kernel's condition)."""
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    return "avx512f" in cpu_flags()
 
 
 def assert_all_ran(output: str) -> None:

@@ -22,6 +22,7 @@ os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
 NO_BF16 = "this CPU has no bfloat16 instructions: `auto` is float32 here, with no gate"
 NO_AVX512 = "this CPU has no AVX-512: decode attention in bfloat16 is SDPA's here"
+ABSENT = {"bf16_cpu": NO_BF16, "avx512_cpu": NO_AVX512}  # a hardware marker: why it is deselected
 DESELECTED = pytest.StashKey[dict[str, int]]()
 
 
@@ -47,9 +48,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    reasons = {"bf16_cpu": NO_BF16, "avx512_cpu": NO_AVX512}
     for marker, count in config.stash.get(DESELECTED, {}).items():
-        terminalreporter.write_line(f"deselected {count} {marker} tests: {reasons[marker]}")
+        terminalreporter.write_line(f"deselected {count} {marker} tests: {ABSENT[marker]}")
 
 
 @pytest.fixture(scope="session")

@@ -27,17 +27,21 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
         tokenizer_object=words, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<|im_end|>"
     )
     tokenizer.save_pretrained(model_dir)
+    save_tiny_llama(model_dir, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    return TransformersBackend(model_dir, device="cpu", dtype="float32", num_threads=1)
+
+
+def save_tiny_llama(model_dir: Path, **shape: int) -> None:
+    """A random 2-layer Llama of this `shape` (hidden size, heads) into `model_dir`."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         eos_token_id=1,
         pad_token_id=1,
+        **shape,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharp logits and attention: positions and padding matter, ties don't
@@ -46,7 +50,6 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
             layer.self_attn.q_proj.weight.mul_(6.0)
             layer.self_attn.k_proj.weight.mul_(6.0)
     model.save_pretrained(model_dir)
-    return TransformersBackend(model_dir, device="cpu", dtype="float32", num_threads=1)
 
 
 def request(i: int, prompt_len: int, max_new_tokens: int = 12, **params: object) -> PreparedRequest:

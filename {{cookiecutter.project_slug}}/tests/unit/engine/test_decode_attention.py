@@ -13,9 +13,26 @@ from {{ cookiecutter.package_name }}.engine import decode_attention
 from {{ cookiecutter.package_name }}.engine.decode_attention import kernel_for
 from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
 
-from .test_continuous import VOCAB, backend, request, run_all  # noqa: F401 - a fixture
+from .test_continuous import backend, request, run_all, save_tiny_llama  # noqa: F401 - a fixture
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def kernel() -> decode_attention.DecodeAttention:
+    """The kernel for the bundled model's shape: 9 query heads on 3 key/value heads of dim 64."""
+    built = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
+    assert built is not None, "a CPU with AVX-512 and, here, cc builds it"
+    return built
+
+
+@pytest.fixture
+def fresh_build(caplog):
+    """The next `kernel_for` builds again, its log captured; the real kernel is built after."""
+    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
+    decode_attention._build.cache_clear()
+    yield
+    decode_attention._build.cache_clear()
 
 
 def slab_views(rows: int, kv_heads: int, columns: int, dim: int) -> tuple[torch.Tensor, ...]:
@@ -63,9 +80,7 @@ def test_the_kernel_attends_as_sdpa_does(
 
 
 @pytest.mark.avx512_cpu
-def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it() -> None:
-    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
-    assert kernel is not None
+def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it(kernel) -> None:
     keys, values = slab_views(4, 3, 20, 64)
     keys[2, 1, 5, 0] = float("nan")
     q = torch.randn(4, 3, 3, 64).bfloat16()
@@ -75,9 +90,7 @@ def test_a_nan_in_a_rows_keys_makes_that_row_nan_and_only_it() -> None:
 
 
 @pytest.mark.avx512_cpu
-def test_a_nan_in_a_rows_values_makes_that_row_nan_as_in_sdpa() -> None:
-    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
-    assert kernel is not None
+def test_a_nan_in_a_rows_values_makes_that_row_nan_as_in_sdpa(kernel) -> None:
     keys, values = slab_views(2, 3, 12, 64)
     values[1, 0, 3, 7] = float("nan")
     q = torch.randn(2, 3, 3, 64).bfloat16()
@@ -86,9 +99,7 @@ def test_a_nan_in_a_rows_values_makes_that_row_nan_as_in_sdpa() -> None:
 
 
 @pytest.mark.avx512_cpu
-def test_a_row_with_every_column_masked_attends_to_nothing_as_in_sdpa() -> None:
-    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
-    assert kernel is not None
+def test_a_row_with_every_column_masked_attends_to_nothing_as_in_sdpa(kernel) -> None:
     keys, values = slab_views(2, 3, 12, 64)
     mask = torch.zeros(2, 12)
     mask[0] = float("-inf")
@@ -100,9 +111,7 @@ def test_a_row_with_every_column_masked_attends_to_nothing_as_in_sdpa() -> None:
 
 
 @pytest.mark.avx512_cpu
-def test_the_threads_share_the_rows_and_the_result_does_not_depend_on_them() -> None:
-    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
-    assert kernel is not None
+def test_the_threads_share_the_rows_and_the_result_does_not_depend_on_them(kernel) -> None:
     keys, values = slab_views(7, 3, 40, 64)
     q = torch.randn(7, 3, 3, 64).bfloat16()
     threads = torch.get_num_threads()
@@ -117,9 +126,7 @@ def test_the_threads_share_the_rows_and_the_result_does_not_depend_on_them() -> 
 
 
 @pytest.mark.avx512_cpu
-def test_tensors_it_cannot_read_are_refused_in_one_line() -> None:
-    kernel = kernel_for(CPU, torch.bfloat16, 9, 3, 64)
-    assert kernel is not None
+def test_tensors_it_cannot_read_are_refused_in_one_line(kernel) -> None:
     keys, values = slab_views(2, 3, 10, 64)
     q, mask = torch.randn(2, 3, 3, 64).bfloat16(), torch.zeros(2, 10)
     wrong = [
@@ -152,28 +159,18 @@ def test_float32_other_devices_and_shapes_without_code_stay_on_sdpa(caplog) -> N
     ],
 )
 def test_without_a_working_compiler_it_is_sdpa_and_the_log_says_why(
-    monkeypatch, caplog, compiler: str | None, reason: str
+    monkeypatch, caplog, fresh_build, compiler: str | None, reason: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
     monkeypatch.setattr(shutil, "which", lambda name: compiler)
-    decode_attention._build.cache_clear()
-    try:
-        assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
-    finally:
-        decode_attention._build.cache_clear()  # the next test builds the real one
+    assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
     assert f"decode attention through SDPA: {reason}" in caplog.text
 
 
 def test_a_temporary_folder_it_cannot_write_leaves_sdpa_and_the_log_says_why(
-    monkeypatch, caplog, tmp_path
+    monkeypatch, caplog, fresh_build, tmp_path
 ) -> None:
-    caplog.set_level(logging.INFO, logger=decode_attention.__name__)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
-    decode_attention._build.cache_clear()
-    try:
-        assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
-    finally:
-        decode_attention._build.cache_clear()
+    assert kernel_for(CPU, torch.bfloat16, 9, 3, 64) is None
     assert "decode attention through SDPA: the kernel did not build: [Errno 2]" in caplog.text
 
 
@@ -181,25 +178,11 @@ def test_a_temporary_folder_it_cannot_write_leaves_sdpa_and_the_log_says_why(
 def test_a_bfloat16_batcher_decodes_on_the_kernel_with_sdpas_texts(backend, tmp_path):  # noqa: F811
     """A Llama of head dim 64 (3 query heads on 1 key/value head) in bfloat16: the batcher's
     decode attention runs on the kernel, and the texts are SDPA's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
-        eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharp logits and attention, as the tiny model of test_continuous
-        model.lm_head.weight.mul_(40.0)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    model.save_pretrained(tmp_path)
+    save_tiny_llama(tmp_path, hidden_size=192, num_attention_heads=3, num_key_value_heads=1)
     backend.tokenizer.save_pretrained(tmp_path)
     bf16 = TransformersBackend(tmp_path, device="cpu", dtype="bfloat16", num_threads=2)
     requests = [request(i, 3 + (i * 5) % 17, max_new_tokens=4 + i % 9) for i in range(10)]
-    batchers = [bf16.continuous(4, 10_000, packed_rows=8, attention_kernel=on) for on in (1, 0)]
+    batchers = [bf16.continuous(4, 10_000, 8, attention_kernel=on) for on in (True, False)]
     assert batchers[0]._step.kernel is not None and batchers[1]._step.kernel is None
     texts = [run_all(b, {0: requests[:5], 2: requests[5:]}) for b in batchers]
     assert texts[0] == texts[1]
