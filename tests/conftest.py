@@ -231,6 +231,11 @@ def cpu_has_avx512() -> bool:
     return "avx512f" in cpu_flags()
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """This machine's CPU has AVX-512 BF16 (the rendered fused decode step's condition)."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def assert_all_ran(output: str) -> None:
     """A rendered test run: passed, nothing failed or skipped, and the tests that need absent
     hardware deselected with their reason printed (exactly when the hardware is absent)."""
@@ -240,6 +245,8 @@ def assert_all_ran(output: str) -> None:
     assert said is not cpu_has_bf16(), output[-3000:]
     said = "avx512_cpu tests: this CPU has no AVX-512" in output
     assert said is not cpu_has_avx512(), output[-3000:]
+    said = "avx512_bf16_cpu tests: this CPU has no AVX-512 BF16" in output
+    assert said is not cpu_has_avx512_bf16(), output[-3000:]
 
 
 # The two runs of a rendered project's whole suite (the default bake installed by its README's

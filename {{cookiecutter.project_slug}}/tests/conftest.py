@@ -22,13 +22,15 @@ os.environ[f"{ENV_PREFIX}DTYPE"] = "float32"
 
 NO_BF16 = "this CPU has no bfloat16 instructions: `auto` is float32 here, with no gate"
 NO_AVX512 = "this CPU has no AVX-512: decode attention in bfloat16 is SDPA's here"
-ABSENT = {"bf16_cpu": NO_BF16, "avx512_cpu": NO_AVX512}  # a hardware marker: why it is deselected
+NO_AVX512_BF16 = "this CPU has no AVX-512 BF16: a decode step in bfloat16 is torch's calls here"
+# A hardware marker: why it is deselected
+ABSENT = {"bf16_cpu": NO_BF16, "avx512_cpu": NO_AVX512, "avx512_bf16_cpu": NO_AVX512_BF16}
 DESELECTED = pytest.StashKey[dict[str, int]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the bf16_cpu (avx512_cpu) tests on a CPU without bfloat16 instructions
-    (AVX-512), and say so.
+    """Deselect the bf16_cpu (avx512_cpu, avx512_bf16_cpu) tests on a CPU without bfloat16
+    instructions (AVX-512, AVX-512 BF16), and say so.
 
     Deselected, not skipped: the hardware is absent, not something the test needs installed,
     and under CI=true a skip means a missing service (see `broker`).
@@ -36,7 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from {{ cookiecutter.package_name }}.lifecycle.precision import cpu_flags, cpu_has_bf16
 
     flags = cpu_flags()
-    present = {"bf16_cpu": cpu_has_bf16(flags), "avx512_cpu": "avx512f" in flags}
+    present = {
+        "bf16_cpu": cpu_has_bf16(flags),
+        "avx512_cpu": "avx512f" in flags,
+        "avx512_bf16_cpu": "avx512_bf16" in flags,
+    }
     counts: dict[str, int] = {}
     for marker, here in present.items():
         absent = [item for item in items if item.get_closest_marker(marker)]

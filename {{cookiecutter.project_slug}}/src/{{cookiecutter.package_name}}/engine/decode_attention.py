@@ -28,7 +28,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+FOLDER = Path(__file__).parent
+SOURCE = "decode_attention.c"
 HEAD_DIMS = (64, 128)
 MAX_GROUPS = 8
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -46,10 +47,15 @@ def kernel_for(
         return None
     groups = heads // kv_heads
     if head_dim not in HEAD_DIMS or heads % kv_heads or not 1 <= groups <= MAX_GROUPS:
-        _explain(f"no code for {groups} query heads a key/value head of dim {head_dim}")
+        _explain(SOURCE, f"no code for {groups} query heads a key/value head of dim {head_dim}")
         return None
-    function = _build(groups, head_dim // 16)
-    return DecodeAttention(function, groups) if function is not None else None
+    library = build(SOURCE, groups, head_dim // 16)
+    if library is None:
+        return None
+    function = library.decode_attention
+    function.argtypes, function.restype = _ARGS, ctypes.c_int
+    log.info("decode attention: our AVX-512 kernel (%d query heads a key/value head)", groups)
+    return DecodeAttention(function, groups)
 
 
 class DecodeAttention:
@@ -98,39 +104,36 @@ class DecodeAttention:
 
 
 @functools.cache
-def _build(groups: int, chunks: int) -> Callable[..., int] | None:
-    """Compile `decode_attention.c` for this shape and load it, or None (logged)."""
+def build(source: str, groups: int, chunks: int) -> ctypes.CDLL | None:
+    """Compile one of this folder's C files for this shape and load it, or None (logged)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _explain("no C compiler (cc) on this machine")
+        _explain(source, "no C compiler (cc) on this machine")
         return None
-    try:  # a failed compile, a read-only or noexec /tmp, a hung compiler: SDPA's, and why
-        function = _compile(compiler, groups, chunks)
+    try:  # a failed compile, a read-only or noexec /tmp, a hung compiler: torch's, and why
+        return _compile(compiler, source, groups, chunks)
     except subprocess.CalledProcessError as exc:
         errors = [line for line in exc.stderr.splitlines() if "error" in line]
-        _explain(f"the kernel did not build: {(errors or ['?'])[0].strip()}")
-        return None
+        _explain(source, f"{source} did not build: {(errors or ['?'])[0].strip()}")
     except (OSError, subprocess.SubprocessError) as exc:
-        _explain(f"the kernel did not build: {exc}")
-        return None
-    log.info("decode attention: our AVX-512 kernel (%d query heads a key/value head)", groups)
-    return function
+        _explain(source, f"{source} did not build: {exc}")
+    return None
 
 
-def _compile(compiler: str, groups: int, chunks: int) -> Callable[..., int]:
+def _compile(compiler: str, source: str, groups: int, chunks: int) -> ctypes.CDLL:
     """Build the library in a folder of its own and load it; the folder goes once it is loaded."""
-    folder = tempfile.TemporaryDirectory(prefix="decode-attention-", ignore_cleanup_errors=True)
+    folder = tempfile.TemporaryDirectory(prefix="llm-kernel-", ignore_cleanup_errors=True)
     with folder:
-        library = Path(folder.name) / "decode_attention.so"
+        library = Path(folder.name) / "kernel.so"
         command = [
             compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-            f"-DGROUPS={groups}", f"-DCHUNKS={chunks}", str(SOURCE), "-o", str(library),
+            f"-DGROUPS={groups}", f"-DCHUNKS={chunks}", str(FOLDER / source), "-o", str(library),
         ]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-        function = ctypes.CDLL(str(library)).decode_attention  # on torch's libgomp, loaded
-    function.argtypes, function.restype = _ARGS, ctypes.c_int
-    return function
+        return ctypes.CDLL(str(library))  # on torch's libgomp, loaded
 
 
-def _explain(reason: str) -> None:
-    log.info("decode attention through SDPA: %s", reason)
+def _explain(source: str, reason: str) -> None:
+    steps = source == "decode_step.c"
+    what = "decode steps through torch's calls" if steps else "decode attention through SDPA"
+    log.info("%s: %s", what, reason)

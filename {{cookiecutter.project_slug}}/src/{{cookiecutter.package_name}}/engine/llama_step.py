@@ -1,24 +1,21 @@
 """A pass of a Llama-family model, written out as torch calls on the model's own weights: the
 running rows' next tokens and the joining prompts' prefill, in one pass.
 
-A decode step through transformers' modules spends about a fifth of its time in Python (module
-calls, mask and cache bookkeeping: 61 ms a step at 8 rows in float32, of which the matrix
-products take about 36, measured). This does the same arithmetic in the same order (RMSNorm,
-rotary embedding, grouped-query attention through SDPA or our kernel, SiLU MLP) with about 15
-torch calls a layer and nothing else: vLLM and llama.cpp also write their model code.
+A decode step through transformers' modules spends about a fifth of its time in Python (61 ms a
+step at 8 rows in float32, of which the products take about 36, measured). This does the same
+arithmetic in the same order (RMSNorm, rotary embedding, grouped-query attention, SiLU MLP) with
+about 15 torch calls a layer: vLLM and llama.cpp also write their model code.
 
 A pass carries both kinds of tokens (as vLLM's chunked prefill schedules them, though a prompt
 is not split here): the running rows' last tokens and the joining prompts' tokens, packed end
-to end, go through every matrix product together, so the weights are read once for both; only
-attention is apart (the rows against the slab, each prompt causally against itself and the
-cached prefix). A joining prompt no longer pauses the running rows for a pass of its own: on an
-AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt joins 7 running rows
-took 37 ms (its prefill pass, then the rows' step) and now takes one pass of 22 (12-13 without).
+to end, go through every product together, so the weights are read once for both; only
+attention is apart. On an AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt
+joins 7 running rows took 37 ms as two passes and takes one of 22 (12-13 without the prompt).
 
-On a CPU the products run on weights prepacked by oneDNN (`packing.py`), and in bfloat16 the
-rows' attention on our kernel (`decode_attention.py`). Only plain Llama (SmolLM2, TinyLlama,
-Llama 2 and 3) qualifies (`LlamaStep.supports`); any other model runs through its transformers
-modules, on the same KV cache.
+On a CPU the products run on weights prepacked by oneDNN (`packing.py`); in bfloat16, a step
+with no joining prompt is one call of our C code (`decode_step.py`), and the rows' attention in
+the other passes our kernel (`decode_attention.py`). Only plain Llama (SmolLM2, TinyLlama, Llama
+2 and 3) qualifies (`LlamaStep.supports`); any other model runs through its modules.
 """
 
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode_attention import kernel_for
+from .decode_step import fused_for
 from .kv_cache import Layers, PrefixCache, Slab
 from .packing import can_pack, pack_llama, packed_product, unpack
 
@@ -81,9 +79,7 @@ class LlamaStep:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads or self.heads)
         self.qk_heads = self.heads + self.kv_heads  # queries and keys, rotated together
-        self.head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb  # cos and sin, rope scaling included
@@ -92,20 +88,16 @@ class LlamaStep:
         self.layers = [
             (
                 layer.input_layernorm.weight,
-                layer.self_attn.q_proj.weight,
-                layer.self_attn.k_proj.weight,
-                layer.self_attn.v_proj.weight,
-                layer.self_attn.o_proj.weight,
+                *(getattr(layer.self_attn, f"{name}_proj").weight for name in "qkvo"),
                 layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj.weight,
-                layer.mlp.up_proj.weight,
-                layer.mlp.down_proj.weight,
+                *(getattr(layer.mlp, f"{name}_proj").weight for name in ("gate", "up", "down")),
             )
             for layer in inner.layers
         ]
         self.packed_rows = packed_rows if packed_rows > 0 and can_pack(model) else 0
         shape = (self.heads, self.kv_heads, self.head_dim)
         self.kernel = kernel_for(model.device, model.dtype, *shape) if kernel else None
+        self.fused = fused_for(model, self.layers, *shape, self.eps) if kernel else None
         self.model = model
         # Per layer: the query-key-value product, the output one, the gate-up one, the down one;
         # then the output layer. Empty until packed.
@@ -191,6 +183,11 @@ class LlamaStep:
         self.pack()
         rows = 0 if decode is None else int(decode.ids.shape[0])
         device = self.embed.device
+        if self.fused is not None and decode is not None and prompts is None:
+            x = F.embedding(decode.ids.to(device), self.embed)
+            cos, sin = self.rotary(x, decode.positions.to(device))
+            x = self.fused(x, cos, sin, _additive(decode.mask.bool(), torch.float32), self.slab)
+            return Passed(self._logits(x), None, [])
         tokens = torch.tensor(prompts.tokens if prompts else [], dtype=torch.long, device=device)
         if decode is not None:
             tokens = torch.cat([decode.ids.to(device), tokens])

@@ -32,16 +32,15 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
 
 
 def save_tiny_llama(model_dir: Path, **shape: int) -> None:
-    """A random 2-layer Llama of this `shape` (hidden size, heads) into `model_dir`."""
+    """A random 2-layer Llama of this `shape` (hidden size, heads...) into `model_dir`."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        intermediate_size=64,
         num_hidden_layers=2,
         max_position_embeddings=256,
         eos_token_id=1,
         pad_token_id=1,
-        **shape,
+        **({"intermediate_size": 64} | shape),
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharp logits and attention: positions and padding matter, ties don't

@@ -1,0 +1,132 @@
+"""A decode step of a plain Llama in bfloat16 in one call of our own C code (`decode_step.c`).
+
+Through torch's calls, a step of the bundled model at 8 rows took 25 ms on an AMD EPYC (Zen 4),
+of which reading its weights at the machine's bandwidth is about 9 and their arithmetic at peak
+about 5: the rest was the fixed cost of about 450 small calls (RMSNorm alone is eight) and their
+Python, paid at every step whatever the rows. `decode_step.c` does the same arithmetic as
+`llama_step.py`, layer by layer, in one call: its products on weights packed for AVX-512 BF16's
+dot products (a second copy, made once), its attention `decode_attention.c`'s, its threads torch's
+OpenMP ones. llama.cpp's server is built the same way.
+
+It runs the steps in which no prompt joins, most of them under load; a pass with joining prompts
+goes through torch's calls, as does every step where it cannot run: another dtype or device, a
+CPU without AVX-512 BF16, no C compiler, a shape it has no code for (the log says which).
+"""
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .decode_attention import HEAD_DIMS, MAX_GROUPS, build
+from .kv_cache import Slab
+
+log = logging.getLogger(__name__)
+
+SOURCE = "decode_step.c"
+# The model's attribute holding the packed weights and their addresses, reused by a later step.
+PACKED = "_decode_step_weights"
+_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# decode_step's parameters, in order (see decode_step.c)
+_ARGS: list[Any] = [
+    _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _P, _P, _I64, _I64, _I, _I, _I,
+]  # fmt: skip
+
+
+def fused_for(
+    model: Any, layers: Sequence[tuple[torch.Tensor, ...]], heads: int, kv_heads: int,
+    head_dim: int, eps: float,
+) -> "FusedStep | None":  # fmt: skip
+    """The fused step for this model, or None where torch's calls stay (logged)."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return None
+    groups = heads // kv_heads
+    hidden, inter = layers[0][1].shape[1], layers[0][6].shape[0]
+    if head_dim not in HEAD_DIMS or heads % kv_heads or not 1 <= groups <= MAX_GROUPS:
+        log.info("decode steps through torch's calls: no code for this shape")
+        return None
+    if hidden % 16 or inter % 16:
+        log.info("decode steps through torch's calls: widths %d and %d not in 16s", hidden, inter)
+        return None
+    library = build(SOURCE, groups, head_dim // 16)
+    if library is None:
+        return None
+    function = library.decode_step
+    function.argtypes, function.restype = _ARGS, ctypes.c_int
+    log.info("decode steps: one call of our AVX-512 BF16 code a step")
+    return FusedStep(function, model, layers, (heads, kv_heads, head_dim, inter), eps)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` ([n, k]) in blocks of 16 outputs, `[n / 16, k / 2, 16, 2]`, as the products of
+    `decode_step.c` read it."""
+    n, k = weight.shape
+    return weight.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gate and up weights as one, in alternate blocks of 16 outputs (gate, up, gate...)."""
+    n, k = gate.shape
+    return torch.stack([gate.view(n // 16, 16, k), up.view(n // 16, 16, k)], 1).reshape(2 * n, k)
+
+
+class FusedStep:
+    """`step(x, cos, sin, mask, slab)`: every layer of a decode step (see the module's text)."""
+
+    def __init__(
+        self, function: Any, model: Any, layers: Sequence[tuple[torch.Tensor, ...]],
+        shape: tuple[int, int, int, int], eps: float,
+    ) -> None:  # fmt: skip
+        self.function, self.shape, self.eps, self.layers = function, shape, eps, len(layers)
+        self.hidden = layers[0][1].shape[1]
+        have = model.__dict__.get(PACKED)
+        if have is None:
+            weights = [
+                one
+                for norm, wq, wk, wv, wo, post, gate, up, down in layers
+                for one in (
+                    norm.contiguous(), pack(torch.cat([wq, wk, wv])), pack(wo),
+                    post.contiguous(), pack(interleave(gate, up)), pack(down),
+                )
+            ]  # fmt: skip
+            addresses = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
+            have = (weights, addresses)
+            setattr(model, PACKED, have)
+        self.weights, self.addresses = have
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slab: Slab
+    ) -> torch.Tensor:
+        """The residual stream after every layer (`[rows, hidden]` bfloat16) of the embedded
+        tokens `x` (overwritten); cos and sin `[rows, 1, head dim]`; mask `[rows, slab length +
+        1]` float32, additive. Each layer's keys and values go to the slab's column `end`."""
+        heads, kv_heads, dim, inter = self.shape
+        rows = x.shape[0]
+        cos, sin = cos.reshape(rows, dim).contiguous(), sin.reshape(rows, dim).contiguous()
+        keys, values = slab.keys, slab.values
+        if not (
+            x.dtype == cos.dtype == sin.dtype == keys[0].dtype == torch.bfloat16
+            and x.is_contiguous()
+            and x.shape == (rows, self.hidden)
+            and mask.dtype == torch.float32
+            and mask.is_contiguous()
+            and mask.shape == (rows, slab.length + 1)
+            and slab.rows >= rows
+            and keys[0].shape[2] > slab.end
+            and all(t.is_contiguous() for t in keys + values)
+        ):
+            raise ValueError("decode step: unexpected shapes or strides")
+        failed = self.function(
+            self.addresses, self.layers, self.hidden, heads, kv_heads, dim, inter, self.eps,
+            x.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), rows,
+            (ctypes.c_void_p * len(keys))(*[t.data_ptr() for t in keys]),
+            (ctypes.c_void_p * len(values))(*[t.data_ptr() for t in values]),
+            keys[0].stride(0), keys[0].stride(1), slab.start, slab.end, torch.get_num_threads(),
+        )  # fmt: skip
+        if failed == -2:
+            raise MemoryError("decode step: out of memory")
+        if failed:
+            raise ValueError("decode step: not built for this shape")
+        return x
