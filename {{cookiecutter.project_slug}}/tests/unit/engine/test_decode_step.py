@@ -4,6 +4,7 @@ values in the slab, the same texts from a batcher, and torch's calls wherever it
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,30 @@ def test_the_fused_step_is_as_close_to_float32_as_torchs_and_writes_the_same_key
             assert torch.allclose(mine, theirs, rtol=2**-6, atol=2**-6 * theirs.abs().max())
         step.slab.advance()
         tokens = outputs[1].argmax(-1)
+
+
+@pytest.mark.avx512_bf16_cpu
+def test_the_weights_are_packed_at_the_first_step_in_the_thread_that_steps(tmp_path: Path) -> None:
+    """Not where the batcher is made (the server's event loop): a thread that runs torch's
+    parallel copies keeps an OpenMP pool, and a second pool slows the step's barriers."""
+    model = tiny(tmp_path, SHAPES["groups-3"], torch.bfloat16)
+    step, _ = prefilled(model, prompts(3))
+    assert step.fused is not None and decode_step.PACKED not in model.__dict__
+    threads: list[str] = []
+    original = step.fused.pack_weights
+    step.fused.pack_weights = lambda: threads.append(threading.current_thread().name) or original()
+    worker = threading.Thread(target=two_steps, args=(step, 3), name="generation")
+    worker.start()
+    worker.join()
+    assert threads == ["generation"] and decode_step.PACKED in model.__dict__
+
+
+def two_steps(step: LlamaStep, rows: int) -> None:
+    mask = torch.ones(rows, step.slab.length + 1, dtype=torch.long)
+    step.slab.reserve(rows, step.slab.length + 1)
+    positions = torch.full((rows, 1), step.slab.length)
+    for _ in range(2):
+        step.run(Decode(torch.arange(2, 2 + rows), positions, mask), None)
 
 
 @pytest.mark.avx512_bf16_cpu
