@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     packed_decode_rows: int = Field(default=8, ge=0)
     # In bfloat16 on a CPU with AVX-512, continuous batching's decode attention runs a kernel
     # compiled at start with the machine's C compiler (engine/decode_attention.c): about 4x
-    # SDPA's speed (3.8-4.5x at 8-32 rows). Without a compiler it is SDPA's. False = SDPA's always.
+    # SDPA's speed (3.8-4.5x at 8-32 rows); with AVX-512 BF16, a whole decode step is one call
+    # of our code (engine/decode_step.c): about 1.9x torch's calls at 8 rows. Without a compiler
+    # both are torch's. False = torch's always (SDPA's attention).
     decode_attention_kernel: bool = True
 
     # RabbitMQ: the URL may hold a password, so it comes from the environment or .env only.
