@@ -17,7 +17,12 @@ from {{ cookiecutter.package_name }}.engine import decode_attention, decode_step
 from {{ cookiecutter.package_name }}.engine.decode_step import interleave, pack
 from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
 from {{ cookiecutter.package_name }}.engine.kv_cache import Slab
-from {{ cookiecutter.package_name }}.engine.llama_step import Decode, LlamaStep, Prompts, _additive
+from {{ cookiecutter.package_name }}.engine.llama_step import (
+    Decode,
+    LlamaStep,
+    Prompts,
+    _additive,
+)
 
 from .test_continuous import backend, request, run_all, save_tiny_llama  # noqa: F401 - a fixture
 
