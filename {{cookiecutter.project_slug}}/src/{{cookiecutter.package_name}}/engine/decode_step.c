@@ -8,11 +8,15 @@
    load of 32 bfloat16 weights and one 32-bit broadcast of an input pair give 16 outputs' sums
    (VDPBF16PS, float32 accumulators); a tile is up to 8 rows by 2 blocks, and the weights stream
    from memory once a step whatever the rows. The residual stream stays in float32 (as in
-   llama.cpp); the normed inputs, queries, keys, values and activations are rounded to bfloat16
-   once, where transformers' modules round them. */
+   llama.cpp), as do the products' sums until the rotary embedding and the residual additions;
+   the normed inputs (as transformers rounds them), queries, keys, values and activations are
+   rounded to bfloat16 once. */
 #include "decode_attention.c"
 #ifndef __AVX512BF16__
 #error "this CPU has no AVX-512 BF16"
+#endif
+#if CHUNKS % 2
+#error "the rotary embedding here needs a head dim in 32s"
 #endif
 #include <stdlib.h>
 #include <string.h>

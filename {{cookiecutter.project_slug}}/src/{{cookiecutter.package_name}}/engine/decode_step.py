@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .decode_attention import HEAD_DIMS, MAX_GROUPS, build
 from .kv_cache import Slab
@@ -73,7 +74,8 @@ def interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class FusedStep:
-    """`step(x, cos, sin, mask, slab)`: every layer of a decode step (see the module's text)."""
+    """`step(ids, positions, mask, slab)`: every layer of a decode step (see the module's
+    text); calling it runs the layers on tokens already embedded."""
 
     def __init__(
         self, function: Any, model: Any, layers: Sequence[tuple[torch.Tensor, ...]],
@@ -81,7 +83,7 @@ class FusedStep:
     ) -> None:  # fmt: skip
         self.function, self.shape, self.eps, self.model = function, shape, eps, model
         self.layers, self.hidden = list(layers), layers[0][1].shape[1]
-        self.addresses: Any = None  # packed at the first step (see `pack_weights`)
+        self.packed: Any = None  # (weights, addresses), at the first step (see `pack_weights`)
 
     def pack_weights(self) -> None:
         """Pack the weights once, in the thread that generates: packing runs torch's parallel
@@ -101,7 +103,19 @@ class FusedStep:
             addresses = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
             have = (weights, addresses)
             setattr(self.model, PACKED, have)
-        self.addresses = have[1]
+        self.packed = have  # held here too: the C code reads them by address
+
+    def step(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slab: Slab
+    ) -> torch.Tensor:
+        """The residual stream after every layer (`[rows, hidden]` bfloat16) of the rows' last
+        tokens `ids` (`[rows]`) at `positions` (`[rows, 1]`), attending where `mask` (`[rows,
+        slab length + 1]`) is not 0."""
+        inner = self.model.model
+        x = F.embedding(ids.to(self.model.device), inner.embed_tokens.weight)
+        cos, sin = inner.rotary_emb(x, positions.to(x.device))  # rope scaling included
+        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return self(x, cos, sin, additive.masked_fill_(mask == 0, float("-inf")), slab)
 
     def __call__(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slab: Slab
@@ -109,26 +123,34 @@ class FusedStep:
         """The residual stream after every layer (`[rows, hidden]` bfloat16) of the embedded
         tokens `x` (overwritten); cos and sin `[rows, 1, head dim]`; mask `[rows, slab length +
         1]` float32, additive. Each layer's keys and values go to the slab's column `end`."""
-        if self.addresses is None:
+        if self.packed is None:
             self.pack_weights()
         heads, kv_heads, dim, inter = self.shape
-        rows = x.shape[0]
-        cos, sin = cos.reshape(rows, dim).contiguous(), sin.reshape(rows, dim).contiguous()
-        keys, values = slab.keys, slab.values
+        rows, keys, values = x.shape[0], slab.keys, slab.values
+        buffer = keys[0].shape if keys else ()
         if not (
-            x.dtype == cos.dtype == sin.dtype == keys[0].dtype == torch.bfloat16
+            x.dtype == cos.dtype == sin.dtype == torch.bfloat16
+            and x.device.type == mask.device.type == "cpu"
             and x.is_contiguous()
             and x.shape == (rows, self.hidden)
+            and cos.numel() == sin.numel() == rows * dim
             and mask.dtype == torch.float32
             and mask.is_contiguous()
             and mask.shape == (rows, slab.length + 1)
-            and slab.rows >= rows
-            and keys[0].shape[2] > slab.end
-            and all(t.is_contiguous() for t in keys + values)
-        ):
+            and len(keys) == len(values) == len(self.layers)
+            and len(buffer) == 4
+            and rows <= slab.rows <= buffer[0]
+            and buffer[1:] == (kv_heads, buffer[2], dim)
+            and buffer[2] > slab.end
+            and all(
+                t.shape == buffer and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+                and t.is_contiguous() for t in keys + values
+            )
+        ):  # fmt: skip
             raise ValueError("decode step: unexpected shapes or strides")
+        cos, sin = cos.reshape(rows, dim).contiguous(), sin.reshape(rows, dim).contiguous()
         failed = self.function(
-            self.addresses, len(self.layers), self.hidden, heads, kv_heads, dim, inter, self.eps,
+            self.packed[1], len(self.layers), self.hidden, heads, kv_heads, dim, inter, self.eps,
             x.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), rows,
             (ctypes.c_void_p * len(keys))(*[t.data_ptr() for t in keys]),
             (ctypes.c_void_p * len(values))(*[t.data_ptr() for t in values]),

@@ -1,16 +1,13 @@
 """A pass of a Llama-family model, written out as torch calls on the model's own weights: the
 running rows' next tokens and the joining prompts' prefill, in one pass.
 
-A decode step through transformers' modules spends about a fifth of its time in Python (61 ms a
-step at 8 rows in float32, of which the products take about 36, measured). This does the same
-arithmetic in the same order (RMSNorm, rotary embedding, grouped-query attention, SiLU MLP) with
-about 15 torch calls a layer: vLLM and llama.cpp also write their model code.
-
-A pass carries both kinds of tokens (as vLLM's chunked prefill schedules them, though a prompt
-is not split here): the running rows' last tokens and the joining prompts' tokens, packed end
-to end, go through every product together, so the weights are read once for both; only
-attention is apart. On an AMD EPYC (Zen 5) in bfloat16, the step in which a 37-token chat prompt
-joins 7 running rows took 37 ms as two passes and takes one of 22 (12-13 without the prompt).
+Through transformers' modules a decode step spent about a fifth of its time in Python (61 ms a
+step at 8 rows in float32, the products 36). This does the same arithmetic in the same order
+with about 15 torch calls a layer: vLLM and llama.cpp also write their model code. A pass
+carries the running rows' last tokens and the joining prompts' tokens, packed end to end,
+through every product together (as vLLM's chunked prefill, though a prompt is not split), so
+the weights are read once for both; only attention is apart. On an AMD EPYC (Zen 5) in
+bfloat16, a 37-token prompt joining 7 running rows took 37 ms as two passes, 22 as one.
 
 On a CPU the products run on weights prepacked by oneDNN (`packing.py`); in bfloat16, a step
 with no joining prompt is one call of our C code (`decode_step.py`), and the rows' attention in
@@ -18,6 +15,7 @@ the other passes our kernel (`decode_attention.py`). Only plain Llama (SmolLM2, 
 2 and 3) qualifies (`LlamaStep.supports`); any other model runs through its modules.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,17 +28,16 @@ from .decode_step import fused_for
 from .kv_cache import Layers, PrefixCache, Slab
 from .packing import can_pack, pack_llama, packed_product, unpack
 
-# SDPA's kernels without cuDNN's: on an H200 (torch 2.11) cuDNN's attention built a plan at
-# each call, 2.8 ms of CPU a layer, as the keys grow by one column a step (113 ms a step of 8
-# rows of a 135M model, of which the GPU worked 3). A CPU's kernel is the same either way.
+log = logging.getLogger(__name__)
+# SDPA's kernels without cuDNN's: on an H200 (torch 2.11) cuDNN's attention built a plan at each
+# call, 2.8 ms of CPU a layer, as the keys grow a column a step (113 ms a step, the GPU's 3).
 ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class Decode:
-    """The running rows' part of a pass: their last tokens (`[rows]`) at `positions` (`[rows,
-    1]`); `mask` (`[rows, slab length + 1]`, 0 on padding) is what they may attend to. Their
-    keys and values go into the slab at its end; the caller advances it."""
+    """The running rows' last tokens (`[rows]`) at `positions` (`[rows, 1]`), attending where
+    `mask` (`[rows, slab length + 1]`) is not 0; their keys and values go to the slab's end."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -64,8 +61,8 @@ class Prompts:
 
 @dataclass
 class Passed:
-    """What a pass gives: the rows' next-token logits (`[rows, vocab]`), the prompts' (`[prompts,
-    vocab]`, of their last tokens) and each prompt's keys and values, prefix included."""
+    """The rows' next-token logits (`[rows, vocab]`), the prompts' (of their last tokens) and
+    each prompt's keys and values, prefix included."""
 
     rows: torch.Tensor | None
     prompts: torch.Tensor | None
@@ -74,8 +71,7 @@ class Passed:
 
 class LlamaStep:
     def __init__(self, model: Any, slab: Slab, packed_rows: int = 0, kernel: bool = True) -> None:
-        config, inner = model.config, model.model
-        self.slab = slab
+        config, inner, self.slab = model.config, model.model, slab
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads or self.heads)
         self.qk_heads = self.heads + self.kv_heads  # queries and keys, rotated together
@@ -83,8 +79,7 @@ class LlamaStep:
         self.eps = float(config.rms_norm_eps)
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb  # cos and sin, rope scaling included
-        self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.norm, self.lm_head = inner.norm.weight, model.lm_head.weight
         self.layers = [
             (
                 layer.input_layernorm.weight,
@@ -99,8 +94,7 @@ class LlamaStep:
         self.kernel = kernel_for(model.device, model.dtype, *shape) if kernel else None
         self.fused = fused_for(model, self.layers, *shape, self.eps) if kernel else None
         self.model = model
-        # Per layer: the query-key-value product, the output one, the gate-up one, the down one;
-        # then the output layer. Empty until packed.
+        # Per layer the qkv, output, gate-up and down products, then the output layer's; or [].
         self.packed: list[torch.Tensor] = []
         if not self.packed_rows:
             unpack(model)  # a step that runs unpacked frees the packed copy
@@ -184,10 +178,7 @@ class LlamaStep:
         rows = 0 if decode is None else int(decode.ids.shape[0])
         device = self.embed.device
         if self.fused is not None and decode is not None and prompts is None:
-            x = F.embedding(decode.ids.to(device), self.embed)
-            cos, sin = self.rotary(x, decode.positions.to(device))
-            x = self.fused(x, cos, sin, _additive(decode.mask.bool(), torch.float32), self.slab)
-            return Passed(self._logits(x), None, [])
+            return self._fused(decode)
         tokens = torch.tensor(prompts.tokens if prompts else [], dtype=torch.long, device=device)
         if decode is not None:
             tokens = torch.cat([decode.ids.to(device), tokens])
@@ -218,6 +209,18 @@ class LlamaStep:
         if prompts is not None and prompts.prefix is not None:
             prompts.prefix.learn(prompts.ids, layers)
         return Passed(logits[:rows] if rows else None, logits[rows:] if prompts else None, layers)
+
+    def _fused(self, decode: Decode) -> Passed:
+        """A decode step in one call of our code; if that fails, torch's calls from then on
+        (the batcher runs the step again), and the log says why."""
+        assert self.fused is not None
+        try:
+            x = self.fused.step(decode.ids, decode.positions, decode.mask, self.slab)
+        except (ValueError, MemoryError) as exc:
+            log.warning("%s: decode steps through torch's calls from now on", exc)
+            self.fused = None
+            raise
+        return Passed(self._logits(x), None, [])
 
     def _decoding(self, x: torch.Tensor, decode: Decode) -> tuple[torch.Tensor, ...]:
         """cos, sin and the attention mask of the running rows, for every layer."""
