@@ -41,11 +41,13 @@ def generate_grouped(
     batch: list[PreparedRequest],
     generate_group: Callable[[list[PreparedRequest], OnIndexToken | None], list[Completion]],
     on_token: OnIndexToken | None = None,
+    groups: Callable[[list[PreparedRequest]], list[list[int]]] | None = None,
 ) -> list[Completion]:
-    """Run `generate_group` once per sampling group; return the completions in batch order.
-    `on_token` hears each decoded token by the request's index in `batch`."""
+    """Run `generate_group` once per group of `groups(batch)` (indices; by default the
+    sampling groups); return the completions in batch order. `on_token` hears each decoded
+    token by the request's index in `batch`."""
     results: dict[int, Completion] = {}
-    for indices in sampling_groups(batch):
+    for indices in (groups or sampling_groups)(batch):
         group = [batch[i] for i in indices]
         heard = None
         if on_token is not None:

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,17 +46,29 @@ def kernel_for(
     """The kernel for a model of this shape, or None where SDPA stays (see the module's text)."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None
+    function = load(SOURCE, "decode_attention", _ARGS, heads, kv_heads, head_dim)
+    if function is None:
+        return None
     groups = heads // kv_heads
-    if head_dim not in HEAD_DIMS or heads % kv_heads or not 1 <= groups <= MAX_GROUPS:
-        _explain(SOURCE, f"no code for {groups} query heads a key/value head of dim {head_dim}")
-        return None
-    library = build(SOURCE, groups, head_dim // 16)
-    if library is None:
-        return None
-    function = library.decode_attention
-    function.argtypes, function.restype = _ARGS, ctypes.c_int
     log.info("decode attention: our AVX-512 kernel (%d query heads a key/value head)", groups)
     return DecodeAttention(function, groups)
+
+
+def load(
+    source: str, symbol: str, argtypes: list[Any], heads: int, kv_heads: int, head_dim: int
+) -> Any:
+    """`symbol` of `source` built for this attention shape, typed (`argtypes`, returning an
+    int), or None where it has no code for the shape or does not build (logged)."""
+    groups = heads // kv_heads if kv_heads else 0
+    if head_dim not in HEAD_DIMS or heads % max(kv_heads, 1) or not 1 <= groups <= MAX_GROUPS:
+        _explain(source, f"no code for {groups} query heads a key/value head of dim {head_dim}")
+        return None
+    library = build(source, groups, head_dim // 16)
+    if library is None:
+        return None
+    function = getattr(library, symbol)
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
 class DecodeAttention:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .decode_attention import HEAD_DIMS, MAX_GROUPS, build
+from .decode_attention import load
 from .kv_cache import Slab
 
 log = logging.getLogger(__name__)
@@ -43,19 +43,13 @@ def fused_for(
     """The fused step for this model, or None where torch's calls stay (logged)."""
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return None
-    groups = heads // kv_heads
     hidden, inter = layers[0][1].shape[1], layers[0][6].shape[0]
-    if head_dim not in HEAD_DIMS or heads % kv_heads or not 1 <= groups <= MAX_GROUPS:
-        log.info("decode steps through torch's calls: no code for this shape")
-        return None
     if hidden % 16 or inter % 16:
         log.info("decode steps through torch's calls: widths %d and %d not in 16s", hidden, inter)
         return None
-    library = build(SOURCE, groups, head_dim // 16)
-    if library is None:
+    function = load(SOURCE, "decode_step", _ARGS, heads, kv_heads, head_dim)
+    if function is None:
         return None
-    function = library.decode_step
-    function.argtypes, function.restype = _ARGS, ctypes.c_int
     log.info("decode steps: one call of our AVX-512 BF16 code a step")
     return FusedStep(function, model, layers, (heads, kv_heads, head_dim, inter), eps)
 
@@ -105,6 +99,11 @@ class FusedStep:
             setattr(self.model, PACKED, have)
         self.packed = have  # held here too: the C code reads them by address
 
+    def release(self) -> None:
+        """Free the packed copy (this step is not to run again)."""
+        self.model.__dict__.pop(PACKED, None)
+        self.packed = None
+
     def step(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slab: Slab
     ) -> torch.Tensor:
@@ -152,8 +151,7 @@ class FusedStep:
         failed = self.function(
             self.packed[1], len(self.layers), self.hidden, heads, kv_heads, dim, inter, self.eps,
             x.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), rows,
-            (ctypes.c_void_p * len(keys))(*[t.data_ptr() for t in keys]),
-            (ctypes.c_void_p * len(values))(*[t.data_ptr() for t in values]),
+            *slab.addresses(),
             keys[0].stride(0), keys[0].stride(1), slab.start, slab.end, torch.get_num_threads(),
         )  # fmt: skip
         if failed == -2:

@@ -10,6 +10,7 @@ leaves is overwritten by the last row (`swap_removal`), one row's copy. Padding 
 zeros, never stale NaNs, and the batcher's mask hides them.
 """
 
+import ctypes
 from typing import Any, cast
 
 import torch
@@ -138,6 +139,7 @@ class Slab:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = self.start = self.end = 0
+        self._addresses: tuple[Any, Any] | None = None
         self.cache = DynamicCache(config=config)
         self.cache.layers = [_SlabLayer(self, i) for i in range(self.layers)]
 
@@ -199,7 +201,16 @@ class Slab:
                  for _ in range(2 * self.layers)]  # fmt: skip
         new_keys, new_values = fresh[: self.layers], fresh[self.layers :]
         self._move_to(new_keys, new_values)
-        self.keys, self.values = new_keys, new_values
+        self.keys, self.values, self._addresses = new_keys, new_values, None
+
+    def addresses(self) -> tuple[Any, Any]:
+        """The keys' and the values' buffers' addresses, as C arrays (for `decode_step.c`):
+        made once, and again when the buffers are replaced."""
+        if self._addresses is None:
+            keys, values = ((ctypes.c_void_p * len(b))(*[t.data_ptr() for t in b])
+                            for b in (self.keys, self.values))  # fmt: skip
+            self._addresses = (keys, values)
+        return self._addresses
 
     def _move_to(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Copy the rows' columns `[start, end)` to columns `[0, length)` of `keys`/`values`."""

@@ -94,8 +94,7 @@ class LlamaStep:
         self.kernel = kernel_for(model.device, model.dtype, *shape) if kernel else None
         self.fused = fused_for(model, self.layers, *shape, self.eps) if kernel else None
         self.model = model
-        # Per layer the qkv, output, gate-up and down products, then the output layer's; or [].
-        self.packed: list[torch.Tensor] = []
+        self.packed: list[torch.Tensor] = []  # qkv, out, gate-up, down a layer; output layer
         if not self.packed_rows:
             unpack(model)  # a step that runs unpacked frees the packed copy
 
@@ -176,9 +175,9 @@ class LlamaStep:
     def _run(self, decode: Decode | None, prompts: Prompts | None) -> Passed:
         self.pack()
         rows = 0 if decode is None else int(decode.ids.shape[0])
-        device = self.embed.device
         if self.fused is not None and decode is not None and prompts is None:
             return self._fused(decode)
+        device = self.embed.device
         tokens = torch.tensor(prompts.tokens if prompts else [], dtype=torch.long, device=device)
         if decode is not None:
             tokens = torch.cat([decode.ids.to(device), tokens])
@@ -218,6 +217,7 @@ class LlamaStep:
             x = self.fused.step(decode.ids, decode.positions, decode.mask, self.slab)
         except (ValueError, MemoryError) as exc:
             log.warning("%s: decode steps through torch's calls from now on", exc)
+            self.fused.release()  # its packed copy of the weights
             self.fused = None
             raise
         return Passed(self._logits(x), None, [])

@@ -103,6 +103,48 @@ def test_the_int8_diagnosis_script_prints_agreement_per_step_and_layer_group(mod
         assert 0.0 <= float(row.split("|")[2].strip().removesuffix("%")) <= 100.0, row
 
 
+class _Spy:
+    """The real generator, its `generate_batch` calls' prompt lengths recorded."""
+
+    def __init__(self, generator) -> None:
+        self.generator, self.calls = generator, []
+
+    def generate_batch(self, prompts, **kwargs):
+        self.calls.append([len(p) for p in prompts])
+        return self.generator.generate_batch(prompts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+
+def test_prompts_of_far_apart_lengths_decode_in_separate_calls_with_their_texts_alone(
+    settings, float32
+):
+    """CTranslate2 feeds the part of a prompt past the batch's shortest one token per step:
+    prompts whose lengths differ by the new tokens or more go in calls of their own, in order,
+    each text (and each streamed token, by its request's index) as it is alone."""
+    engine = CTranslate2Backend(float32, compute_type="float32")
+    engine.generator = spy = _Spy(engine.generator)
+    service = InferenceService.from_settings(settings, engine)
+    story = "Tell me a story about a lighthouse keeper. " * 8
+    prompts = ["What is the capital of France?", story, "Name a red fruit.", story + "Go on."]
+    admitted = [
+        service.admit({"id": str(i), "prompt": p, "max_new_tokens": 6, "temperature": 0.0}, "x")
+        for i, p in enumerate(prompts)
+    ]
+    assert all(isinstance(a, Admitted) for a in admitted)
+    heard: dict[int, list[int]] = {}
+    together = service.run(admitted, lambda i, token: heard.setdefault(i, []).append(token))
+    lengths = [len(a.request.token_ids) for a in admitted]
+    assert spy.calls == [[lengths[0], lengths[2]], [lengths[1], lengths[3]]]
+    spy.calls.clear()
+    for i, (a, reply) in enumerate(zip(admitted, together, strict=True)):
+        alone = service.run([a])[0]
+        assert reply.text == alone.text and reply.error is None
+        assert reply.usage.completion_tokens <= len(heard[i]) <= 6  # an end token is heard too
+    assert spy.calls == [[n] for n in lengths]
+
+
 def test_a_request_starts_on_a_free_lane_while_a_batch_decodes(settings, float32):
     """Two lanes (INTER_THREADS=2, a core each): a short request sent while a long one decodes
     starts at once and ends first, and each text is the one it gets alone (greedy)."""

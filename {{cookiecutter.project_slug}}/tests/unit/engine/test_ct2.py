@@ -1,11 +1,12 @@
-"""CTranslate2-side pieces that need no model: the torch-free chat tokenizer and thread limits."""
+"""CTranslate2-side pieces that need no model: the torch-free chat tokenizer, thread limits and
+the length bands that share a call."""
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.engine.ct2 import _sample, thread_split
+from {{ cookiecutter.package_name }}.engine.ct2 import _sample, length_bands, thread_split
 from {{ cookiecutter.package_name }}.engine.tokenizer import ChatTokenizer
 
 from .test_prompts import CHATML
@@ -103,3 +104,21 @@ def test_the_token_callback_keeps_each_row_to_its_own_limit():
     ]
     assert heard == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2), (1, 3)]  # row 0: two tokens only
     assert stops == [False, False, True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "new_tokens", "bands"),
+    [
+        ([37, 217, 36, 155, 38], 32, [[0, 2, 4], [1], [3]]),  # far apart: calls of their own
+        ([37, 217, 36, 155, 38], 64, [[0, 2, 4], [1, 3]]),
+        ([37, 217, 36, 155, 38], 200, [[0, 1, 2, 3, 4]]),  # the new tokens outnumber the gap
+        ([10, 17, 11, 18], 8, [[0, 1, 2], [3]]),  # within 8 of the band's shortest
+        ([5], 1, [[0]]),
+        ([], 8, []),
+        ([9, 3, 9], 0, [[0, 2], [1]]),  # no new tokens: equal lengths still share
+    ],
+)
+def test_prompts_share_a_call_only_within_the_new_tokens_of_its_shortest(
+    lengths, new_tokens, bands
+):
+    assert length_bands(lengths, new_tokens) == bands

@@ -265,7 +265,7 @@ def test_a_fused_step_that_fails_leaves_torchs_calls_for_good_and_no_request_fai
     texts = [run_all(b, {0: requests[:3], 2: requests[3:]}) for b in batchers]
     assert texts[0] == texts[1]
     assert all(not isinstance(text, Exception) for text in texts[0].values())
-    assert step.fused is None
+    assert step.fused is None and decode_step.PACKED not in step.model.__dict__  # freed
     said = "decode step: out of memory: decode steps through torch's calls from now on"
     assert said in caplog.text
 
@@ -283,13 +283,19 @@ def test_the_weights_are_packed_in_blocks_of_16_outputs_and_pairs_of_inputs() ->
 
 
 def test_float32_and_shapes_without_code_stay_on_torchs_calls(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger=decode_step.__name__)
+    for module in (decode_step, decode_attention):
+        caplog.set_level(logging.INFO, logger=module.__name__)
     model = tiny(tmp_path, SHAPES["groups-3"], torch.float32)
     assert step_on(model).fused is None
     odd = dict(hidden_size=72, num_attention_heads=1, num_key_value_heads=1, head_dim=64)
     model = tiny(tmp_path / "odd", odd, torch.bfloat16)
     assert step_on(model).fused is None
     assert "decode steps through torch's calls: widths 72 and 64 not in 16s" in caplog.text
+    wide = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=3, head_dim=32)
+    model = tiny(tmp_path / "wide", wide, torch.bfloat16)
+    assert step_on(model).fused is None
+    said = "no code for 1 query heads a key/value head of dim 32"
+    assert f"decode steps through torch's calls: {said}" in caplog.text
 
 
 @pytest.mark.parametrize(
