@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ModelSourceError
 from ..settings import SettingsError
 from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped, stop_in_tail
-from .cores import available_cores
+from .cores import available_cores, default_threads
 from .prompts import GenerationParams, PreparedRequest
 from .streaming import Scheduler
 from .tokenizer import ChatTokenizer
@@ -33,8 +33,9 @@ def thread_split(
     Raises SettingsError when the product asked for is over the cores: oversubscribed threads
     make CTranslate2 slower, not faster.
     """
+    threads = cores or default_threads()  # OMP_NUM_THREADS, where it asks for fewer
     cores = cores or available_cores()
-    intra = intra_threads or max(1, cores // inter_threads)
+    intra = intra_threads or max(1, threads // inter_threads)
     if inter_threads * intra > cores:
         raise SettingsError(
             f"invalid settings: INTER_THREADS={inter_threads} x INTRA_THREADS={intra} is over "
@@ -199,6 +200,28 @@ def length_bands(lengths: list[int], new_tokens: int) -> list[list[int]]:
         else:
             bands.append([index])
     return sorted((sorted(band) for band in bands), key=lambda band: band[0])
+
+
+class Banded:
+    """A `ctranslate2.Generator` whose `generate_batch` runs its prompts in `length_bands`, a
+    call each, the results in the prompts' order (for the quality gate's greedy answers: the
+    evaluation prompts' lengths differ); its other calls are the generator's own."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def generate_batch(self, prompts: list[list[str]], max_length: int, **kwargs: Any) -> list:
+        if kwargs.get("callback") is not None:
+            raise ValueError("Banded.generate_batch: a callback would hear rows by band")
+        results: dict[int, Any] = {}
+        for band in length_bands([len(p) for p in prompts], max_length):
+            batch = [prompts[i] for i in band]
+            out = self.generator.generate_batch(batch, max_length=max_length, **kwargs)
+            results.update(zip(band, out, strict=True))
+        return [results[i] for i in range(len(prompts))]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generator, name)
 
 
 def _heard(group: list[PreparedRequest], on_token: OnIndexToken) -> Callable[[Any], bool]:

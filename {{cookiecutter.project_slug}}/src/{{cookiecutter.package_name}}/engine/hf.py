@@ -15,7 +15,7 @@ from transformers import (
 
 from ..errors import ModelSourceError
 from .backend import Completion, cut_at_stop, generate_grouped, stop_in_tail
-from .cores import available_cores
+from .cores import default_threads
 from .prompts import GenerationParams, PreparedRequest
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class TransformersBackend:
     def __init__(
         self, model_dir: Path, device: str = "auto", dtype: str = "auto", num_threads: int = 0
     ) -> None:
-        torch.set_num_threads(num_threads or available_cores())
+        torch.set_num_threads(num_threads or default_threads())
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

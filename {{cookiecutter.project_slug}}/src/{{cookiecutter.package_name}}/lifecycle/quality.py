@@ -156,7 +156,7 @@ def evaluate(
     """Compare an engine with the reference; return the gate's verdict.
 
     `generator` is anything with three calls on token strings: `forward_batch`, `score_batch`
-    and `generate_batch`{% if cookiecutter.inference_backend == "ctranslate2" %}: a loaded `ctranslate2.Generator`, or a `TorchEngine`{% else %} (see `TorchEngine`){% endif %}.
+    and `generate_batch`{% if cookiecutter.inference_backend == "ctranslate2" %}: a `ctranslate2.Generator` (in `engine.ct2.Banded`) or a `TorchEngine`{% else %} (see `TorchEngine`){% endif %}.
     """
     tok = reference.tokenizer
     agree = total = 0

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..engine.cores import available_cores
-from ..engine.ct2 import META_FILE
+from ..engine.cores import default_threads
+from ..engine.ct2 import META_FILE, Banded
 from ..engine.tokenizer import TOKENIZER_FILES
 from ..errors import ModelSourceError
 from ..settings import ENV_PREFIX, Settings
@@ -190,12 +190,16 @@ def convert_one(
                 str(staging),
                 device=gate_device(),
                 compute_type=compute,
-                intra_threads=available_cores(),
+                intra_threads=settings.intra_threads or default_threads(),
             )
         except ValueError as exc:  # a GPU compute type on a CPU
             raise ModelSourceError(f"cannot run {scheme} here: {exc}") from None
         report = evaluate(
-            reference, generator, scheme, thresholds, on_step=lambda s: log.info("[gate] %s", s)
+            reference,
+            Banded(generator),  # the evaluation prompts' lengths differ (see `length_bands`)
+            scheme,
+            thresholds,
+            on_step=lambda s: log.info("[gate] %s", s),
         )
         del generator
         meta = {

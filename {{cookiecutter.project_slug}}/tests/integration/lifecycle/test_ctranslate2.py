@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from {{ cookiecutter.package_name }}.engine.ct2 import META_FILE, CTranslate2Backend
+from {{ cookiecutter.package_name }}.engine.ct2 import (
+    META_FILE,
+    Banded,
+    CTranslate2Backend,
+)
 from {{ cookiecutter.package_name }}.engine.hf import TransformersBackend
 from {{ cookiecutter.package_name }}.engine.service import Admitted, InferenceService
 from {{ cookiecutter.package_name }}.lifecycle.quality import EvalSet
@@ -143,6 +147,16 @@ def test_prompts_of_far_apart_lengths_decode_in_separate_calls_with_their_texts_
         assert reply.text == alone.text and reply.error is None
         assert reply.usage.completion_tokens <= len(heard[i]) <= 6  # an end token is heard too
     assert spy.calls == [[n] for n in lengths]
+    # The quality gate's greedy answers: the same bands, the results in the prompts' order.
+    spy.calls.clear()
+    tokens = [engine.tokenizer.convert_ids_to_tokens(a.request.token_ids) for a in admitted]
+    options = {"max_length": 6, "sampling_topk": 1, "include_prompt_in_result": False}
+    banded = Banded(spy).generate_batch(tokens, **options)
+    assert spy.calls == [[lengths[0], lengths[2]], [lengths[1], lengths[3]]]
+    alone = [spy.generator.generate_batch([one], **options)[0] for one in tokens]
+    assert [r.sequences_ids for r in banded] == [r.sequences_ids for r in alone]
+    with pytest.raises(ValueError, match="callback"):
+        Banded(spy).generate_batch(tokens, callback=print, **options)
 
 
 def test_a_request_starts_on_a_free_lane_while_a_batch_decodes(settings, float32):

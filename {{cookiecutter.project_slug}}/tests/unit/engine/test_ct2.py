@@ -6,7 +6,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from {{ cookiecutter.package_name }}.engine.ct2 import _sample, length_bands, thread_split
+from {{ cookiecutter.package_name }}.engine.ct2 import (
+    _sample,
+    length_bands,
+    thread_split,
+)
 from {{ cookiecutter.package_name }}.engine.tokenizer import ChatTokenizer
 
 from .test_prompts import CHATML
