@@ -14,7 +14,14 @@ import numpy as np
 
 from ..errors import ModelSourceError
 from ..settings import SettingsError
-from .backend import Completion, OnIndexToken, cut_at_stop, generate_grouped, stop_in_tail
+from .backend import (
+    Completion,
+    OnIndexToken,
+    cut_at_stop,
+    generate_grouped,
+    sampling_groups,
+    stop_in_tail,
+)
 from .cores import available_cores, default_threads
 from .prompts import GenerationParams, PreparedRequest
 from .streaming import Scheduler
@@ -114,11 +121,12 @@ class CTranslate2Backend:
     def generate(
         self, batch: list[PreparedRequest], on_token: OnIndexToken | None = None
     ) -> list[Completion]:
-        """One completion per request, in order; requests sharing sampling settings share a call.
+        """One completion per request, in order; requests sharing sampling settings and close
+        prompt lengths (`_bands`) share a call.
 
         `on_token(index, token_id)` hears each token as it is decoded; True stops that request.
         """
-        return generate_grouped(batch, self._generate_group, on_token)
+        return generate_grouped(batch, self._generate_group, on_token, _bands)
 
     def _generate_group(
         self, group: list[PreparedRequest], on_token: OnIndexToken | None
@@ -127,9 +135,6 @@ class CTranslate2Backend:
         if not params.greedy and params.seed is not None:  # sampling_groups: it is alone
             return [self._sample_seeded(group[0], on_token)]
         new_tokens = max(r.params.max_new_tokens for r in group)
-        bands = length_bands([len(r.token_ids) for r in group], new_tokens)
-        if len(bands) > 1:  # each band a call, in order of its first request
-            return generate_grouped(group, self._generate_group, on_token, lambda _: bands)
         callback = None if on_token is None else _heard(group, on_token)
         results = self.generator.generate_batch(
             [self.tokenizer.convert_ids_to_tokens(r.token_ids) for r in group],
@@ -200,6 +205,18 @@ def length_bands(lengths: list[int], new_tokens: int) -> list[list[int]]:
         else:
             bands.append([index])
     return sorted((sorted(band) for band in bands), key=lambda band: band[0])
+
+
+def _bands(batch: list[PreparedRequest]) -> list[list[int]]:
+    """The requests that share a call: each sampling group split in its `length_bands`."""
+    return [
+        [group[i] for i in band]
+        for group in sampling_groups(batch)
+        for band in length_bands(
+            [len(batch[j].token_ids) for j in group],
+            max(batch[j].params.max_new_tokens for j in group),
+        )
+    ]
 
 
 class Banded:
